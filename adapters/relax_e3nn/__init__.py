@@ -1,0 +1,1 @@
+"""relax-plugins adapter for e3nn (under construction)."""

@@ -1,0 +1,1 @@
+"""Entry point e3nn of relax-plugins."""

@@ -1,0 +1,1 @@
+"""relax-plugins adapter for escnn (under construction)."""

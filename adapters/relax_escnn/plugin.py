@@ -1,0 +1,1 @@
+"""Entry point escnn of relax-plugins."""

@@ -1,0 +1,1 @@
+"""Entry point pyg of relax-plugins."""

@@ -1,0 +1,1 @@
+"""relax-plugins adapter for vn (under construction)."""

@@ -1,0 +1,1 @@
+"""Entry point vn of relax-plugins."""

@@ -1,0 +1,65 @@
+"""relax-plugins: train equivariant networks with constraint relaxation (arXiv 2408.13242).
+
+>>> import relax_plugins as rp
+>>> sorted(n for n in ("relax", "project", "set_theta", "penalty") if hasattr(rp, n))
+['penalty', 'project', 'relax', 'set_theta']
+"""
+
+from . import schedules
+from .api import get_theta, penalty, project, projection_report, relax, relaxed_modules, set_theta
+from .errors import (
+    AdapterError,
+    AlreadyRelaxedError,
+    NothingToRelaxError,
+    NotRelaxedError,
+    PluginLoadError,
+    RelaxError,
+    UnknownAdapterError,
+)
+from .hookspecs import ENTRY_POINT_GROUP, hookimpl
+from .plugins import (
+    DISABLE_AUTOLOAD_ENV,
+    AdapterInfo,
+    get_plugin_manager,
+    list_adapters,
+    register_adapter,
+    reset_plugin_manager,
+    unregister_adapter,
+)
+from .symmetry import Symmetry
+from .term import LinearRelaxation, PenaltyTerms, RelaxationTerm
+from .wrapper import RelaxedModule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "relax",
+    "project",
+    "set_theta",
+    "get_theta",
+    "penalty",
+    "relaxed_modules",
+    "projection_report",
+    "schedules",
+    "list_adapters",
+    "register_adapter",
+    "unregister_adapter",
+    "get_plugin_manager",
+    "reset_plugin_manager",
+    "AdapterInfo",
+    "hookimpl",
+    "ENTRY_POINT_GROUP",
+    "DISABLE_AUTOLOAD_ENV",
+    "Symmetry",
+    "RelaxationTerm",
+    "LinearRelaxation",
+    "PenaltyTerms",
+    "RelaxedModule",
+    "RelaxError",
+    "AdapterError",
+    "AlreadyRelaxedError",
+    "NothingToRelaxError",
+    "NotRelaxedError",
+    "PluginLoadError",
+    "UnknownAdapterError",
+]

@@ -1,0 +1,143 @@
+"""θ schedules: θ as a function of the step (or epoch) index, exactly 0 at the last one.
+
+All schedules take ``total``, the number of calls you will make (epochs for a per-epoch schedule,
+optimiser steps for a per-step one), and are evaluated at ``0 .. total-1``; position
+``t = i / (total - 1)`` runs from 0 to 1, and θ(total-1) = 0 exactly. Indices past the end give 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+__all__ = ["Schedule", "Triangular", "LinearDecay", "Cosine", "Constant", "FromCallable", "as_schedule"]
+
+
+class Schedule:
+    """Base class: subclasses implement ``shape(t)`` for t in [0, 1]; θ = peak · shape(t).
+
+    Args:
+        total: number of schedule calls (epochs or steps); must be ≥ 1.
+        peak: the largest θ.
+    """
+
+    def __init__(self, total: int, peak: float = 1.0) -> None:
+        if int(total) < 1:
+            raise ValueError(f"total must be >= 1, got {total}")
+        if not (math.isfinite(peak) and peak >= 0):
+            raise ValueError(f"peak must be a finite number >= 0, got {peak}")
+        self.total, self.peak = int(total), float(peak)
+
+    def shape(self, t: float) -> float:  # pragma: no cover
+        raise NotImplementedError
+
+    def __call__(self, i: int) -> float:
+        if i < 0:
+            raise ValueError(f"schedule index must be >= 0, got {i}")
+        if i >= self.total - 1:
+            return 0.0
+        return self.peak * self.shape(i / (self.total - 1))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(total={self.total}, peak={self.peak})"
+
+
+class Triangular(Schedule):
+    """Up from 0 to ``peak`` at the middle, then down to 0 (the paper's code, which stopped at 2/E;
+    here the last index is exactly 0).
+
+    Example:
+        >>> s = Triangular(total=5)
+        >>> [s(i) for i in range(5)]
+        [0.0, 0.5, 1.0, 0.5, 0.0]
+    """
+
+    def shape(self, t: float) -> float:
+        return 1.0 - abs(2.0 * t - 1.0)
+
+
+class LinearDecay(Schedule):
+    """``peak`` for the first half, then linearly to 0 over the second half (the paper's text).
+
+    Example:
+        >>> s = LinearDecay(total=5)
+        >>> [s(i) for i in range(5)]
+        [1.0, 1.0, 1.0, 0.5, 0.0]
+    """
+
+    def shape(self, t: float) -> float:
+        return 1.0 if t <= 0.5 else 2.0 * (1.0 - t)
+
+
+class Cosine(Schedule):
+    """Half a cosine from ``peak`` to 0.
+
+    Example:
+        >>> s = Cosine(total=3)
+        >>> [round(s(i), 6) for i in range(3)]
+        [1.0, 0.5, 0.0]
+    """
+
+    def shape(self, t: float) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class Constant(Schedule):
+    """``peak`` everywhere but the last index, which is 0 (the constant-θ ablation).
+
+    Example:
+        >>> s = Constant(total=3, peak=0.5)
+        >>> [s(i) for i in range(3)]
+        [0.5, 0.5, 0.0]
+    """
+
+    def shape(self, t: float) -> float:
+        return 1.0
+
+
+class FromCallable(Schedule):
+    """Any callable ``fn(t) -> θ`` on t ∈ [0, 1]; the last index is still forced to 0.
+
+    Example:
+        >>> s = FromCallable(lambda t: 1 - t * t, total=3)
+        >>> [s(i) for i in range(3)]
+        [1.0, 0.75, 0.0]
+    """
+
+    def __init__(self, fn: Callable[[float], float], total: int, peak: float = 1.0) -> None:
+        super().__init__(total, peak)
+        self.fn = fn
+
+    def shape(self, t: float) -> float:
+        v = float(self.fn(t))
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"schedule function returned {v} at t={t}; θ must be finite and >= 0")
+        return v
+
+
+_NAMED: dict[str, type[Schedule]] = {
+    "triangular": Triangular,
+    "linear_decay": LinearDecay,
+    "cosine": Cosine,
+    "constant": Constant,
+}
+
+
+def as_schedule(spec: str | Schedule | Callable[[float], float], total: int, peak: float = 1.0) -> Schedule:
+    """A schedule from a name ("triangular", "linear_decay", "cosine", "constant"), a
+    :class:`Schedule` (returned as is) or a callable of t ∈ [0, 1].
+
+    Example:
+        >>> as_schedule("cosine", total=10)
+        Cosine(total=10, peak=1.0)
+    """
+    if isinstance(spec, Schedule):
+        return spec
+    if isinstance(spec, str):
+        try:
+            return _NAMED[spec](total=total, peak=peak)
+        except KeyError:
+            raise ValueError(f"unknown schedule {spec!r}; choose from {sorted(_NAMED)}") from None
+    if callable(spec):
+        return FromCallable(spec, total=total, peak=peak)
+    raise TypeError(f"cannot make a schedule from {spec!r}")

@@ -1,0 +1,220 @@
+"""The generator interface: how a group acts on a layer's input and output features.
+
+A :class:`Symmetry` holds, in the layer's own feature layout (a flat *fibre* vector of length ``d``
+per sample / point / node), the generators of the group that the layer is equivariant to:
+
+* ``lie_in`` / ``lie_out``: Lie-algebra generators dρ(A_k) of a continuous group, shape (k, d, d);
+* ``group_in`` / ``group_out``: generators ρ(g_j) of a finite group (or the finite part of a mixed
+  group, such as parity for O(3)), shape (m, d, d).
+
+A linear map W between the fibres is an intertwiner iff ``W dρ_in(A) = dρ_out(A) W`` for every Lie
+generator and ``W ρ_in(g) = ρ_out(g) W`` for every group generator (for a connected continuous part
+plus the finite generators, this is exactly equivariance under the whole group).
+
+Generators are stored as non-persistent buffers so that they follow ``.to(device, dtype)`` and do
+not enter checkpoints (they are derived from the layer, not learned).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Symmetry",
+    "constraint_matrix",
+    "intertwiner_basis",
+    "group_closure",
+    "lie_defect",
+    "group_defect",
+]
+
+
+def _stack(mats: Tensor | list[Tensor] | None, d: int) -> Tensor:
+    if mats is None:
+        return torch.zeros(0, d, d, dtype=torch.float64)
+    if isinstance(mats, (list, tuple)):
+        if len(mats) == 0:
+            return torch.zeros(0, d, d, dtype=torch.float64)
+        mats = torch.stack([torch.as_tensor(m) for m in mats])
+    mats = torch.as_tensor(mats)
+    if mats.dim() == 2:
+        mats = mats[None]
+    if mats.shape[-2:] != (d, d):
+        raise ValueError(f"generators must have shape (k, {d}, {d}), got {tuple(mats.shape)}")
+    return mats
+
+
+class Symmetry(nn.Module):
+    """Group generators acting on the input and output fibres of one layer.
+
+    Args:
+        dim_in: fibre dimension of the layer input.
+        dim_out: fibre dimension of the layer output.
+        lie_in: Lie-algebra generators on the input, (k, dim_in, dim_in).
+        lie_out: the same Lie-algebra basis on the output, (k, dim_out, dim_out).
+        group_in: finite-group generators on the input, (m, dim_in, dim_in).
+        group_out: the same group elements on the output, (m, dim_out, dim_out).
+        name: a human-readable group name for reports ("SO(3)", "C8", ...).
+
+    Example:
+        >>> import torch
+        >>> J = torch.tensor([[0., -1.], [1., 0.]])
+        >>> sym = Symmetry(2, 2, lie_in=J[None], lie_out=J[None], name="SO(2)")
+        >>> sym.num_lie, sym.num_group
+        (1, 0)
+    """
+
+    def __init__(
+        self,
+        dim_in: int,
+        dim_out: int,
+        lie_in: Tensor | list[Tensor] | None = None,
+        lie_out: Tensor | list[Tensor] | None = None,
+        group_in: Tensor | list[Tensor] | None = None,
+        group_out: Tensor | list[Tensor] | None = None,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.dim_in, self.dim_out, self.name = int(dim_in), int(dim_out), name
+        li, lo = _stack(lie_in, dim_in), _stack(lie_out, dim_out)
+        gi, go = _stack(group_in, dim_in), _stack(group_out, dim_out)
+        if li.shape[0] != lo.shape[0] or gi.shape[0] != go.shape[0]:
+            raise ValueError("input and output must have the same number of generators")
+        if li.shape[0] + gi.shape[0] == 0:
+            raise ValueError("a Symmetry needs at least one generator")
+        dtype = torch.get_default_dtype()
+        self.register_buffer("lie_in", li.to(dtype), persistent=False)
+        self.register_buffer("lie_out", lo.to(dtype), persistent=False)
+        self.register_buffer("group_in", gi.to(dtype), persistent=False)
+        self.register_buffer("group_out", go.to(dtype), persistent=False)
+
+    @property
+    def num_lie(self) -> int:
+        return self.lie_in.shape[0]
+
+    @property
+    def num_group(self) -> int:
+        return self.group_in.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"{self.name or 'group'}: {self.dim_in} -> {self.dim_out}, lie={self.num_lie}, group={self.num_group}"
+
+
+def _as_apply(W: Tensor | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    return W if callable(W) else (lambda v: v @ W.T)
+
+
+def lie_defect(W: Tensor | Callable[[Tensor], Tensor], x: Tensor, sym: Symmetry, Wx: Tensor | None = None) -> Tensor:
+    """Per-sample squared Lie derivative Σ_k ||W dρ_in(A_k) x − dρ_out(A_k) W x||².
+
+    Computed generator-major (one generator at a time), so the null space over W is exactly the
+    set of maps that commute with every generator.
+
+    Args:
+        W: (d_out, d_in) dense map, or a function applying it to the last axis.
+        x: (n, d_in) detached inputs.
+        sym: the layer's generators.
+        Wx: optional precomputed ``x @ W.T``.
+
+    Returns:
+        (n,) tensor of squared norms.
+
+    Example:
+        >>> import torch
+        >>> J = torch.tensor([[0., -1.], [1., 0.]])
+        >>> sym = Symmetry(2, 2, lie_in=J[None], lie_out=J[None])
+        >>> lie_defect(torch.eye(2), torch.randn(5, 2), sym).abs().max().item()
+        0.0
+    """
+    if sym.num_lie == 0:
+        return x.new_zeros(x.shape[0])
+    apply = _as_apply(W)
+    if Wx is None:
+        Wx = apply(x)
+    Ax = torch.einsum("kij,nj->kni", sym.lie_in, x)  # (k, n, d_in): generator-major
+    d = apply(Ax) - torch.einsum("kij,nj->kni", sym.lie_out, Wx)
+    return d.square().sum(dim=(0, 2))
+
+
+def group_defect(W: Tensor | Callable[[Tensor], Tensor], x: Tensor, sym: Symmetry, Wx: Tensor | None = None) -> Tensor:
+    """Per-sample squared discrete defect Σ_j ||W ρ_in(g_j) x − ρ_out(g_j) W x||².
+
+    Example:
+        >>> import torch
+        >>> P = torch.tensor([[0., 1.], [1., 0.]])
+        >>> sym = Symmetry(2, 2, group_in=P[None], group_out=P[None])
+        >>> group_defect(torch.ones(2, 2), torch.randn(3, 2), sym).abs().max().item()
+        0.0
+    """
+    if sym.num_group == 0:
+        return x.new_zeros(x.shape[0])
+    apply = _as_apply(W)
+    if Wx is None:
+        Wx = apply(x)
+    gx = torch.einsum("kij,nj->kni", sym.group_in, x)
+    d = apply(gx) - torch.einsum("kij,nj->kni", sym.group_out, Wx)
+    return d.square().sum(dim=(0, 2))
+
+
+def constraint_matrix(sym: Symmetry) -> Tensor:
+    """Dense matrix C with C·vec(W) = 0 iff W is an intertwiner (vec is row-major, W.flatten()).
+
+    Its size is (num_generators·d_out·d_in) × (d_out·d_in): use it for small layers and tests.
+    """
+    di, do = sym.dim_in, sym.dim_out
+    Ii = torch.eye(di, dtype=torch.float64, device=sym.lie_in.device)
+    Io = torch.eye(do, dtype=torch.float64, device=sym.lie_in.device)
+    blocks = []
+    # row-major vec: vec(A W B) = (A ⊗ Bᵀ) vec(W)
+    for Ain, Aout in itertools.chain(zip(sym.lie_in, sym.lie_out), zip(sym.group_in, sym.group_out)):
+        blocks.append(torch.kron(Io, Ain.double().T.contiguous()) - torch.kron(Aout.double(), Ii))
+    return torch.cat(blocks, dim=0)
+
+
+def intertwiner_basis(sym: Symmetry, tol: float = 1e-8) -> Tensor:
+    """Orthonormal basis (columns) of the intertwiner space, as row-major vec(W), in float64.
+
+    A dense SVD: fine up to d_in·d_out of a few thousand. Adapters with structure (e3nn paths,
+    escnn bases) provide closed forms instead.
+
+    Example:
+        >>> import torch
+        >>> J = torch.tensor([[0., -1.], [1., 0.]])
+        >>> intertwiner_basis(Symmetry(2, 2, lie_in=J[None], lie_out=J[None])).shape  # aI + bJ
+        torch.Size([4, 2])
+    """
+    C = constraint_matrix(sym)
+    # eigh of the Gram matrix is much cheaper than an SVD of the tall constraint matrix
+    evals, evecs = torch.linalg.eigh(C.T @ C)
+    scale = max(float(evals.max()), 1.0)
+    return evecs[:, evals < tol * scale].contiguous()
+
+
+def group_closure(gens: Tensor, max_order: int = 10_000, tol: float = 1e-6) -> Tensor:
+    """All elements of the finite matrix group generated by ``gens`` (including the identity).
+
+    Example:
+        >>> import torch
+        >>> R = torch.tensor([[0., -1.], [1., 0.]])
+        >>> group_closure(R[None]).shape[0]
+        4
+    """
+    d = gens.shape[-1]
+    elems = [torch.eye(d, dtype=gens.dtype, device=gens.device)]
+    frontier = list(elems)
+    while frontier:
+        new = []
+        for a in frontier:
+            for g in gens:
+                b = g @ a
+                if not any(torch.allclose(b, e, atol=tol) for e in elems):
+                    elems.append(b)
+                    new.append(b)
+                    if len(elems) > max_order:
+                        raise ValueError(f"group generated has more than {max_order} elements")
+        frontier = new
+    return torch.stack(elems)

@@ -1,0 +1,228 @@
+"""Relaxation terms: the unconstrained part θ·W·x that an adapter attaches to one layer.
+
+:class:`RelaxationTerm` is the interface every adapter implements (the hook
+``relax_make_term`` returns one). :class:`LinearRelaxation` implements it for every *pointwise*
+layer, i.e. a layer whose relaxation is a dense matrix on the feature fibre of each sample /
+point / node; adapters subclass it and override only the layout methods (``take_input``,
+``to_fibre``, ``from_fibre``), the projection (``project_dense``) and the merge (``merge``).
+Convolutional adapters implement :class:`RelaxationTerm` directly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .symmetry import Symmetry, group_closure, group_defect, intertwiner_basis, lie_defect
+
+__all__ = ["RelaxationTerm", "LinearRelaxation", "PenaltyTerms"]
+
+# dense intertwiner bases above this many weight entries are too costly for the generic fallback
+MAX_GENERIC_NULLSPACE = 4096
+
+
+class PenaltyTerms(tuple):
+    """(lie, norm, samples): per-layer *sums over samples* of the squared Lie/discrete defect and of
+    ||W x||², and the number of samples they were summed over."""
+
+    __slots__ = ()
+
+    def __new__(cls, lie: Tensor, norm: Tensor, samples: int):
+        return super().__new__(cls, (lie, norm, samples))
+
+    @property
+    def lie(self) -> Tensor:
+        return self[0]
+
+    @property
+    def norm(self) -> Tensor:
+        return self[1]
+
+    @property
+    def samples(self) -> int:
+        return self[2]
+
+
+class RelaxationTerm(nn.Module):
+    """Interface of the non-equivariant part of one relaxed layer.
+
+    Subclasses hold the learnable relaxation parameters and implement:
+
+    * ``forward(base, theta, *args, **kwargs)``: the relaxed layer's output
+      f(x) + θ·W(x); must record whatever the penalties need (detached inputs) on ``self``.
+    * ``penalty_terms()``: :class:`PenaltyTerms` for the last forward pass.
+    * ``project_()``/``merge(base, theta)``: fold θ·P(W) into the base layer where it can hold
+      it, returning True, or return False if the base layer cannot represent it.
+    * ``projection_error(theta)``: a dict describing how much the projection changes the layer.
+    """
+
+
+
+    def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def penalty_terms(self) -> PenaltyTerms:  # pragma: no cover
+        raise NotImplementedError
+
+    def merge(self, base: nn.Module, theta: Tensor) -> bool:
+        """Add θ·P(W) into ``base``'s own parameters; return False if it cannot hold it."""
+        return False
+
+    def projection_error(self, theta: Tensor) -> dict[str, float]:
+        return {}
+
+
+class LinearRelaxation(RelaxationTerm):
+    """A dense (or low-rank) matrix W on the fibre: f_θ(x) = f(x) + θ·W·x.
+
+    Args:
+        symmetry: generators on the input and output fibres of the layer.
+        rank: if given, W = B·A with A (rank, d_in) random and B (d_out, rank) zero (LoRA-style),
+            so relax() still does not change outputs but W can learn.
+        init_std: standard deviation of a random initial W (full rank only); 0 keeps outputs.
+
+    Example:
+        >>> import torch
+        >>> J = torch.tensor([[0., -1.], [1., 0.]])
+        >>> term = LinearRelaxation(Symmetry(2, 2, lie_in=J[None], lie_out=J[None]))
+        >>> term.dense().abs().sum().item()
+        0.0
+    """
+
+    def __init__(self, symmetry: Symmetry, rank: int | None = None, init_std: float = 0.0) -> None:
+        super().__init__()
+        self.symmetry = symmetry
+        d_in, d_out = symmetry.dim_in, symmetry.dim_out
+        self.rank = rank
+        if rank is None:
+            self.weight = nn.Parameter(torch.randn(d_out, d_in) * init_std)
+        else:
+            if rank < 1:
+                raise ValueError(f"rank must be >= 1, got {rank}")
+            self.lora_a = nn.Parameter(torch.randn(rank, d_in) / math.sqrt(d_in))
+            self.lora_b = nn.Parameter(torch.zeros(d_out, rank))
+        self._x: Tensor | None = None
+        self._wx: Tensor | None = None
+        self._y: Tensor | None = None
+
+    # -- layout: override in adapters ---------------------------------------------------------
+    def take_input(self, args: tuple, kwargs: dict) -> Tensor:
+        """The tensor W acts on, in the layer's layout (default: first positional argument)."""
+        return args[0]
+
+    def to_fibre(self, x: Tensor) -> Tensor:
+        """Layer layout → (n, d_in) (default: fibre on the last axis)."""
+        return x.reshape(-1, self.symmetry.dim_in)
+
+    def from_fibre(self, delta: Tensor, out: Tensor) -> Tensor:
+        """(n, d_out) → the layout of the layer output ``out``."""
+        return delta.reshape(out.shape)
+
+    def output_tensor(self, out: Any) -> Tensor:
+        """The tensor of the layer's output that W adds to (default: the output itself)."""
+        return out
+
+    def replace_output(self, out: Any, new: Tensor) -> Any:
+        return new
+
+    # -- maths ---------------------------------------------------------------------------------
+    def dense(self) -> Tensor:
+        """W as a dense (d_out, d_in) matrix."""
+        return self.weight if self.rank is None else self.lora_b @ self.lora_a
+
+    def apply_weight(self, v: Tensor) -> Tensor:
+        """W applied to the last axis of ``v``."""
+        if self.rank is None:
+            return v @ self.weight.T
+        return (v @ self.lora_a.T) @ self.lora_b.T
+
+    def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = base(*args, **kwargs)
+        x = self.to_fibre(self.take_input(args, kwargs))
+        wx = self.apply_weight(x)
+        y = self.output_tensor(out)
+        self._x = x.detach()
+        self._wx = wx if torch.is_grad_enabled() else None
+        result = y + theta.to(wx.dtype) * self.from_fibre(wx, y)
+        self._y = result.detach()
+        return self.replace_output(out, result)
+
+    def _recorded(self) -> Tensor:
+        if self._x is None:
+            raise RuntimeError("no forward pass recorded yet: run the model on a batch before penalty()")
+        return self._x
+
+    def penalty_terms(self) -> PenaltyTerms:
+        x = self._recorded()
+        wx = self._wx if self._wx is not None else self.apply_weight(x)
+        sym = self.symmetry
+        lie = lie_defect(self.apply_weight, x, sym, wx).sum() + group_defect(self.apply_weight, x, sym, wx).sum()
+        return PenaltyTerms(lie, wx.square().sum(), x.shape[0])
+
+    # -- projection ------------------------------------------------------------------------
+    def project_dense(self, W: Tensor) -> Tensor:
+        """Orthogonal projection of a dense W onto the intertwiners (adapters override with
+        closed forms). Generic fallback: Reynolds average over a finite group, or the null space
+        of the generator constraints for small layers."""
+        sym = self.symmetry
+        if sym.num_lie == 0:
+            # close the group on ρ_in ⊕ ρ_out so that input and output elements stay paired
+            di = sym.dim_in
+            gens = torch.stack([torch.block_diag(i, o) for i, o in zip(sym.group_in.double(), sym.group_out.double())])
+            elems = group_closure(gens)
+            gi, go = elems[:, :di, :di], elems[:, di:, di:]
+            return (torch.linalg.solve(go, W.double() @ gi).mean(0)).to(W.dtype)
+        n = sym.dim_in * sym.dim_out
+        if n > MAX_GENERIC_NULLSPACE:
+            raise NotImplementedError(
+                f"no closed-form projection for a {sym.dim_out}x{sym.dim_in} layer; the adapter must "
+                "override project_dense"
+            )
+        Q = getattr(self, "_basis_cache", None)
+        if Q is None or Q.device != W.device:
+            Q = intertwiner_basis(sym).to(W.device)
+            self._basis_cache = Q
+        w = W.detach().double().reshape(-1)
+        return (Q @ (Q.T @ w)).reshape(W.shape).to(W.dtype)
+
+    def projected(self) -> Tensor:
+        """P(W), dense."""
+        with torch.no_grad():
+            return self.project_dense(self.dense().detach())
+
+    def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
+        """Add the dense intertwiner ``delta`` (d_out, d_in) into ``base``; adapters override."""
+        return False
+
+    def merge(self, base: nn.Module, theta: Tensor) -> bool:
+        with torch.no_grad():
+            delta = theta.to(torch.float64) * self.projected().double()
+            if not bool(delta.abs().max() > 0):
+                return True
+            return self.merge_dense(base, delta)
+
+    def projection_error(self, theta: Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            W = self.dense().detach()
+            P = self.project_dense(W)
+            th = float(theta)
+            out = {
+                "theta": th,
+                "weight_norm": float(W.norm()),
+                "rel_weight_error": float((W - P).norm() / W.norm().clamp_min(1e-30)),
+            }
+            if self._x is not None and self._y is not None:
+                x = self._x
+                y_norm = self._y.norm().clamp_min(1e-30)
+                out["relax_ratio"] = float(th * (x @ W.T).norm() / y_norm)
+                out["rel_output_error"] = float(th * (x @ (W - P).T).norm() / y_norm)
+                t = self.penalty_terms()
+                out["lie_defect"] = float(t.lie / max(t.samples, 1))
+            return out
+
+    def extra_repr(self) -> str:
+        s = self.symmetry
+        return f"{s.dim_in} -> {s.dim_out}" + ("" if self.rank is None else f", rank={self.rank}")
