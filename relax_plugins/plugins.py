@@ -76,7 +76,10 @@ def get_plugin_manager() -> pluggy.PluginManager:
         try:
             pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise PluginLoadError(f"adapter plugin {exc.plugin!r} implements unknown hooks: {exc}") from exc
+            name = pm.get_name(exc.plugin)
+            raise PluginLoadError(
+                f"adapter plugin {name!r} ({_distributions.get(name, '?')}) implements unknown hooks: {exc}"
+            ) from exc
         _pm = pm
     return _pm
 

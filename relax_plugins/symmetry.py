@@ -135,8 +135,8 @@ def lie_defect(W: Tensor | Callable[[Tensor], Tensor], x: Tensor, sym: Symmetry,
     apply = _as_apply(W)
     if Wx is None:
         Wx = apply(x)
-    Ax = torch.einsum("kij,nj->kni", sym.lie_in, x)  # (k, n, d_in): generator-major
-    d = apply(Ax) - torch.einsum("kij,nj->kni", sym.lie_out, Wx)
+    Ax = torch.einsum("kij,nj->kni", sym.lie_in.to(x.dtype), x)  # (k, n, d_in): generator-major
+    d = apply(Ax) - torch.einsum("kij,nj->kni", sym.lie_out.to(Wx.dtype), Wx)
     return d.square().sum(dim=(0, 2))
 
 
@@ -155,8 +155,8 @@ def group_defect(W: Tensor | Callable[[Tensor], Tensor], x: Tensor, sym: Symmetr
     apply = _as_apply(W)
     if Wx is None:
         Wx = apply(x)
-    gx = torch.einsum("kij,nj->kni", sym.group_in, x)
-    d = apply(gx) - torch.einsum("kij,nj->kni", sym.group_out, Wx)
+    gx = torch.einsum("kij,nj->kni", sym.group_in.to(x.dtype), x)
+    d = apply(gx) - torch.einsum("kij,nj->kni", sym.group_out.to(Wx.dtype), Wx)
     return d.square().sum(dim=(0, 2))
 
 

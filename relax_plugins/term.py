@@ -105,7 +105,6 @@ class LinearRelaxation(RelaxationTerm):
             self.lora_a = nn.Parameter(torch.randn(rank, d_in) / math.sqrt(d_in))
             self.lora_b = nn.Parameter(torch.zeros(d_out, rank))
         self._x: Tensor | None = None
-        self._wx: Tensor | None = None
         self._y: Tensor | None = None
 
     # -- layout: override in adapters ---------------------------------------------------------
@@ -145,7 +144,6 @@ class LinearRelaxation(RelaxationTerm):
         wx = self.apply_weight(x)
         y = self.output_tensor(out)
         self._x = x.detach()
-        self._wx = wx if torch.is_grad_enabled() else None
         result = y + theta.to(wx.dtype) * self.from_fibre(wx, y)
         self._y = result.detach()
         return self.replace_output(out, result)
@@ -157,7 +155,9 @@ class LinearRelaxation(RelaxationTerm):
 
     def penalty_terms(self) -> PenaltyTerms:
         x = self._recorded()
-        wx = self._wx if self._wx is not None else self.apply_weight(x)
+        # recomputed on the detached input: reusing the forward's W·x would push the penalty's
+        # gradient into the layers upstream
+        wx = self.apply_weight(x)
         sym = self.symmetry
         lie = lie_defect(self.apply_weight, x, sym, wx).sum() + group_defect(self.apply_weight, x, sym, wx).sum()
         return PenaltyTerms(lie, wx.square().sum(), x.shape[0])

@@ -1,0 +1,1 @@
+"""Runnable examples of relax-plugins (``python -m examples.<name>``)."""

@@ -1,0 +1,391 @@
+"""Properties of the core engine, on the pure-torch toy adapter (no optional library needed)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from relax_toy.layers import CNLinear, SO2Gate, SO2Linear, cyclic_shift, rotation_2d, so2_generator
+from torch import nn
+
+import relax_plugins as rp
+from relax_plugins.symmetry import Symmetry, group_defect, intertwiner_basis, lie_defect
+
+
+def so2_model(dtype=torch.float64) -> nn.Module:
+    return nn.Sequential(SO2Linear(3, 4), SO2Gate(), SO2Linear(4, 2)).to(dtype)
+
+
+def cn_model(dtype=torch.float64) -> nn.Module:
+    return nn.Sequential(CNLinear(2, 3, n=4), nn.ReLU(), CNLinear(3, 2, n=4)).to(dtype)
+
+
+def randomise_relaxation(model: nn.Module, std: float = 1.0) -> None:
+    with torch.no_grad():
+        for _, layer in rp.relaxed_modules(model):
+            for p in layer.term.parameters():
+                p.normal_(0.0, std)
+
+
+@torch.no_grad()
+def so2_equivariance_error(model: nn.Module, c_in: int, c_out: int, dtype) -> float:
+    x = torch.randn(16, 2 * c_in, dtype=dtype)
+    errs = []
+    for angle in (0.3, 1.1, 2.5):
+        Ri, Ro = rotation_2d(angle, c_in, dtype), rotation_2d(angle, c_out, dtype)
+        errs.append(float((model(x @ Ri.T) - model(x) @ Ro.T).abs().max()))
+    return max(errs)
+
+
+@torch.no_grad()
+def cn_equivariance_error(model: nn.Module, c_in: int, c_out: int, dtype) -> float:
+    x = torch.randn(16, 4 * c_in, dtype=dtype)
+    Si, So = cyclic_shift(4, c_in, dtype), cyclic_shift(4, c_out, dtype)
+    return float((model(x @ Si.T) - model(x) @ So.T).abs().max())
+
+
+# -- relax() ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [so2_model, cn_model])
+def test_relax_keeps_outputs_and_returns_root(make, dtype):
+    model = make(dtype)
+    x = torch.randn(8, model[0].c_in * (2 if isinstance(model[0], SO2Linear) else 4), dtype=dtype)
+    before = model(x)
+    assert rp.relax(model) is model
+    assert [n for n, _ in rp.relaxed_modules(model)] == ["0", "2"]
+    rp.set_theta(model, 1.0)
+    assert torch.equal(model(x), before)
+    assert model[0].term.dense().dtype == dtype
+
+
+def test_relax_low_rank_keeps_outputs_and_learns():
+    model = so2_model()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    before = model(x)
+    rp.relax(model, rank=2)
+    rp.set_theta(model, 1.0)
+    out = model(x)
+    assert torch.equal(out, before)
+    out.square().sum().backward()
+    assert model[0].term.lora_b.grad.abs().max() > 0
+    n_dense = 8 * 6 + 4 * 8
+    n_low = sum(p.numel() for _, m in rp.relaxed_modules(model) for p in m.term.parameters())
+    assert n_low < n_dense
+
+
+def test_relaxed_model_breaks_equivariance_for_positive_theta_only():
+    model = rp.relax(so2_model())
+    randomise_relaxation(model)
+    assert so2_equivariance_error(model, 3, 2, torch.float64) < 1e-12  # θ = 0
+    rp.set_theta(model, 0.5)
+    assert so2_equivariance_error(model, 3, 2, torch.float64) > 1e-2
+
+
+def test_wrapper_forwards_attributes_of_base():
+    model = rp.relax(so2_model())
+    assert model[0].c_out == 4 and model[0].base.c_out == 4
+
+
+# -- penalties ----------------------------------------------------------------------------
+
+
+def _residual_jacobian(sym: Symmetry, x: torch.Tensor) -> torch.Tensor:
+    """Jacobian of W ↦ stacked per-sample defects (linear in W), as a matrix over vec(W)."""
+
+    def residual(w: torch.Tensor) -> torch.Tensor:
+        W = w.reshape(sym.dim_out, sym.dim_in)
+        parts = []
+        for A_in, A_out in [*zip(sym.lie_in, sym.lie_out), *zip(sym.group_in, sym.group_out)]:
+            parts.append((x @ A_in.T @ W.T - x @ W.T @ A_out.T).reshape(-1))
+        return torch.cat(parts)
+
+    return torch.autograd.functional.jacobian(residual, torch.zeros(sym.dim_in * sym.dim_out, dtype=x.dtype))
+
+
+@given(c_in=st.integers(1, 3), c_out=st.integers(1, 3))
+def test_so2_penalty_null_space_is_the_intertwiner_space(c_in, c_out):
+    term = rp.relax(nn.Sequential(SO2Linear(c_in, c_out)).double())[0].term
+    sym = term.symmetry
+    x = torch.randn(4 * c_in + 4, 2 * c_in, dtype=torch.float64)
+    J = _residual_jacobian(sym, x)
+    null_dim = J.shape[1] - int(torch.linalg.matrix_rank(J))
+    assert null_dim == 2 * c_in * c_out  # Hom_SO(2) = span{I, J} per channel pair
+    assert intertwiner_basis(sym).shape[1] == 2 * c_in * c_out
+    # and the penalty the library computes is that quadratic form
+    W = torch.randn(sym.dim_out, sym.dim_in, dtype=torch.float64)
+    lie = lie_defect(W, x, sym).sum()
+    assert torch.allclose(lie, (J @ W.reshape(-1)).square().sum(), rtol=1e-10)
+
+
+@given(c_in=st.integers(1, 3), c_out=st.integers(1, 3), n=st.sampled_from([2, 3, 4, 6]))
+def test_cn_penalty_null_space_is_the_intertwiner_space(c_in, c_out, n):
+    term = rp.relax(nn.Sequential(CNLinear(c_in, c_out, n=n)).double())[0].term
+    sym = term.symmetry
+    x = torch.randn(n * c_in + 4, n * c_in, dtype=torch.float64)
+    J = _residual_jacobian(sym, x)
+    assert J.shape[1] - int(torch.linalg.matrix_rank(J)) == n * c_in * c_out  # circulant blocks
+
+
+def test_generator_major_penalty_vanishes_on_exact_intertwiners_and_not_elsewhere():
+    """The authors' feature-major reshape does not vanish on intertwiners; ours must."""
+    layer = SO2Linear(3, 2).double()
+    sym = Symmetry(6, 4, lie_in=so2_generator(3)[None], lie_out=so2_generator(2)[None])
+    W_eq = layer(torch.eye(6, dtype=torch.float64)).T.detach()  # the base layer's own dense matrix
+    x = torch.randn(32, 6, dtype=torch.float64)
+    assert lie_defect(W_eq, x, sym).abs().max() < 1e-24
+    assert lie_defect(torch.randn(4, 6, dtype=torch.float64), x, sym).min() > 1e-6
+
+
+def test_lie_penalty_matches_finite_difference():
+    sym = Symmetry(6, 4, lie_in=so2_generator(3)[None], lie_out=so2_generator(2)[None])
+    W = torch.randn(4, 6, dtype=torch.float64)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    t = 1e-6
+    fd = (x @ rotation_2d(t, 3, torch.float64).T @ W.T @ rotation_2d(-t, 2, torch.float64).T - x @ W.T) / t
+    assert torch.allclose(lie_defect(W, x, sym), fd.square().sum(-1), rtol=1e-4)
+
+
+def test_group_defect_matches_definition():
+    sym = Symmetry(8, 4, group_in=cyclic_shift(4, 2)[None], group_out=cyclic_shift(4, 1)[None])
+    W, x = torch.randn(4, 8), torch.randn(3, 8)
+    g_in, g_out = cyclic_shift(4, 2), cyclic_shift(4, 1)
+    expected = (x @ g_in.T @ W.T - x @ W.T @ g_out.T).square().sum(-1)
+    assert torch.allclose(group_defect(W, x, sym), expected)
+
+
+def test_penalty_forms_and_batch_size_independence():
+    model = rp.relax(so2_model())
+    randomise_relaxation(model)
+    x = torch.randn(64, 6, dtype=torch.float64)
+    model(x)
+    p_small = rp.penalty(model)
+    model(torch.cat([x] * 4))
+    assert torch.allclose(rp.penalty(model), p_small)  # default: means over samples
+    paper = rp.penalty(model, form="paper")
+    assert torch.allclose(paper, p_small * 16, rtol=1e-6)  # sums over 256 samples: √256 = 16x the means
+    sums = [m.penalty_terms() for _, m in rp.relaxed_modules(model)]
+    lie = sum(t.lie for t in sums)
+    norm = sum(t.norm for t in sums)
+    assert torch.allclose(paper, 0.01 * torch.sqrt(lie + 1e-12) + 0.01 * torch.sqrt(norm + 1e-12))
+    mean = rp.penalty(model, lie=2.0, norm=0.0, form="mean")
+    assert torch.allclose(mean, 2.0 * sum(t.lie / t.samples for t in sums))
+
+
+def test_penalty_trains_w_only_and_is_zero_at_init():
+    model = rp.relax(so2_model())
+    model(torch.randn(8, 6, dtype=torch.float64))
+    assert float(rp.penalty(model)) < 1e-5  # ε under the roots only
+    randomise_relaxation(model)
+    model(torch.randn(8, 6, dtype=torch.float64))
+    rp.penalty(model).backward()
+    assert model[0].term.weight.grad.abs().max() > 0
+    assert model[0].base.a.grad is None
+
+
+# -- projection ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [so2_model, cn_model])
+def test_projection_is_idempotent_exact_and_penalty_free(make):
+    model = rp.relax(make(torch.float64))
+    randomise_relaxation(model)
+    for _, layer in rp.relaxed_modules(model):
+        term = layer.term
+        P = term.project_dense(term.dense().detach())
+        assert torch.allclose(term.project_dense(P), P, atol=1e-12)
+        x = torch.randn(20, term.symmetry.dim_in, dtype=torch.float64)
+        defect = lie_defect(P, x, term.symmetry) + group_defect(P, x, term.symmetry)
+        assert defect.max() < 1e-20
+        # orthogonal projection: the residual is orthogonal to the intertwiners
+        Q = intertwiner_basis(term.symmetry)
+        assert (Q.T @ (term.dense().detach() - P).reshape(-1)).abs().max() < 1e-10
+
+
+def test_cn_reynolds_average_equals_nullspace_projection():
+    term = rp.relax(nn.Sequential(CNLinear(2, 2, n=4)).double())[0].term
+    W = torch.randn(8, 8, dtype=torch.float64)
+    Q = intertwiner_basis(term.symmetry)
+    assert torch.allclose(term.project_dense(W).reshape(-1), Q @ (Q.T @ W.reshape(-1)), atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [so2_model, cn_model])
+def test_project_drop_restores_classes_keys_and_bit_identical_weights(make, dtype):
+    model = make(dtype)
+    keys = list(model.state_dict())
+    classes = [type(m) for m in model.modules()]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rp.relax(model)
+    randomise_relaxation(model)
+    rp.set_theta(model, 0.7)
+    assert rp.project(model) is model
+    assert list(model.state_dict()) == keys
+    assert [type(m) for m in model.modules()] == classes
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_merge_equals_relaxed_model_with_projected_w():
+    for make, err in ((so2_model, so2_equivariance_error), (cn_model, cn_equivariance_error)):
+        model = rp.relax(make(torch.float64))
+        randomise_relaxation(model)
+        rp.set_theta(model, 0.8)
+        with torch.no_grad():
+            for _, layer in rp.relaxed_modules(model):
+                layer.term.weight.copy_(layer.term.projected())
+        c_in = model[0].c_in
+        x = torch.randn(10, c_in * (2 if make is so2_model else 4), dtype=torch.float64)
+        expected = model(x)
+        rp.project(model, merge=True)
+        assert torch.allclose(model(x), expected, atol=1e-12)
+        assert err(model, c_in, 2, torch.float64) < 1e-12
+
+
+def test_projected_model_is_exactly_equivariant_after_merge(dtype):
+    model = rp.relax(so2_model(dtype))
+    randomise_relaxation(model)
+    rp.set_theta(model, 1.0)
+    assert so2_equivariance_error(model, 3, 2, dtype) > 1e-2
+    rp.project(model, merge=True)
+    assert so2_equivariance_error(model, 3, 2, dtype) < (1e-12 if dtype == torch.float64 else 1e-4)
+
+
+def test_projection_report_fields():
+    model = rp.relax(so2_model())
+    randomise_relaxation(model)
+    rp.set_theta(model, 0.5)
+    model(torch.randn(16, 6, dtype=torch.float64))
+    report = rp.projection_report(model)
+    assert set(report) == {"0", "2"}
+    r = report["0"]
+    assert r["theta"] == 0.5 and 0 < r["rel_weight_error"] < 1 and r["lie_defect"] > 0
+    assert 0 < r["rel_output_error"] <= r["relax_ratio"] * 1.0001
+
+
+def test_root_layer_relax_and_project():
+    layer = SO2Linear(2, 2).double()
+    wrapped = rp.relax(layer)
+    assert isinstance(wrapped, rp.RelaxedModule) and wrapped.base is layer
+    assert rp.project(wrapped) is layer
+
+
+# -- state and schedules ------------------------------------------------------------------
+
+
+def test_state_dict_round_trip_of_relaxed_model():
+    model = rp.relax(so2_model())
+    randomise_relaxation(model)
+    rp.set_theta(model, 0.3)
+    state = model.state_dict()
+    assert "0.theta" in state and "0.term.weight" in state and "0.base.a" in state
+    other = rp.relax(so2_model())
+    other.load_state_dict(state)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    assert torch.equal(other(x), model(x)) and rp.get_theta(other) == {"0": 0.3, "2": 0.3}
+
+
+@pytest.mark.parametrize("cls", [rp.schedules.Triangular, rp.schedules.LinearDecay, rp.schedules.Cosine,
+                                 rp.schedules.Constant])
+@given(total=st.integers(1, 500), peak=st.floats(0.0, 10.0))
+def test_schedules_end_at_exactly_zero_and_stay_in_range(cls, total, peak):
+    s = cls(total=total, peak=peak)
+    values = [s(i) for i in range(total)]
+    assert values[-1] == 0.0 and s(total + 3) == 0.0
+    assert all(0.0 <= v <= peak + 1e-12 for v in values)
+
+
+def test_schedule_shapes():
+    assert rp.schedules.Triangular(total=101)(50) == 1.0
+    assert rp.schedules.Triangular(total=101)(0) == 0.0
+    ld = rp.schedules.LinearDecay(total=101)
+    assert ld(0) == ld(50) == 1.0 and math.isclose(ld(75), 0.5)
+    assert math.isclose(rp.schedules.Cosine(total=101)(50), 0.5)
+    f = rp.schedules.as_schedule(lambda t: 2.0, total=5)
+    assert [f(i) for i in range(5)] == [2.0, 2.0, 2.0, 2.0, 0.0]
+    with pytest.raises(ValueError):
+        rp.schedules.as_schedule("nope", total=3)
+    with pytest.raises(ValueError):
+        rp.schedules.Triangular(total=0)
+
+
+# -- errors leave the model untouched -------------------------------------------------------
+
+
+def test_errors_are_clear():
+    with pytest.raises(rp.NothingToRelaxError):
+        rp.relax(nn.Sequential(nn.Linear(3, 3)))
+    model = rp.relax(so2_model())
+    with pytest.raises(rp.AlreadyRelaxedError):
+        rp.relax(model)
+    with pytest.raises(rp.UnknownAdapterError, match="no_such_adapter"):
+        rp.relax(so2_model(), adapters=["no_such_adapter"])
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            rp.set_theta(model, bad)
+    with pytest.raises(KeyError):
+        rp.set_theta(model, {"7": 1.0})
+    with pytest.raises(rp.NotRelaxedError):
+        rp.project(so2_model())
+    with pytest.raises(rp.NotRelaxedError):
+        rp.set_theta(nn.Linear(2, 2), 1.0)
+    with pytest.raises(RuntimeError, match="forward"):
+        rp.penalty(rp.relax(so2_model()))
+
+
+def test_mixed_dtype_layer_is_refused_and_model_untouched():
+    model = so2_model()
+    model[2].b.data = model[2].b.data.float()
+    with pytest.raises(rp.AdapterError, match="mixes dtypes"):
+        rp.relax(model)
+    assert not any(True for _ in rp.relaxed_modules(model))
+    assert type(model[0]) is SO2Linear
+
+
+def test_failing_adapter_leaves_model_untouched():
+    class Picky:
+        @rp.hookimpl(tryfirst=True)
+        def relax_make_term(self, module, name):
+            if name == "2":
+                raise RuntimeError("cannot relax this one")
+            return None
+
+    rp.register_adapter(Picky(), name="picky")
+    try:
+        model = so2_model()
+        keys = list(model.state_dict())
+        with pytest.raises(rp.AdapterError, match="'2'.*cannot relax this one"):
+            rp.relax(model)
+        assert list(model.state_dict()) == keys and type(model[0]) is SO2Linear
+    finally:
+        rp.unregister_adapter("picky")
+
+
+def test_failing_merge_leaves_model_untouched():
+    model = rp.relax(so2_model())
+    randomise_relaxation(model)
+    rp.set_theta(model, 1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def boom(base, delta):
+        raise RuntimeError("merge exploded")
+
+    model[2].term.merge_dense = boom
+    with pytest.raises(rp.AdapterError, match="merge exploded"):
+        rp.project(model, merge=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert isinstance(model[0], rp.RelaxedModule)
+
+
+def test_include_exclude_patterns():
+    model = rp.relax(so2_model(), exclude=["2"])
+    assert [n for n, _ in rp.relaxed_modules(model)] == ["0"]
+    model = rp.relax(so2_model(), include=["2"])
+    assert [n for n, _ in rp.relaxed_modules(model)] == ["2"]
+
+
+def test_per_layer_theta():
+    model = rp.relax(so2_model())
+    rp.set_theta(model, {"2": 0.25})
+    assert rp.get_theta(model) == {"0": 0.0, "2": 0.25}
