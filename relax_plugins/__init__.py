@@ -28,6 +28,7 @@ from .plugins import (
 )
 from .symmetry import Symmetry
 from .term import LinearRelaxation, PenaltyTerms, RelaxationTerm
+from .training import RelaxedTraining
 from .wrapper import RelaxedModule
 
 __version__ = "0.1.0"
@@ -55,6 +56,7 @@ __all__ = [
     "LinearRelaxation",
     "PenaltyTerms",
     "RelaxedModule",
+    "RelaxedTraining",
     "RelaxError",
     "AdapterError",
     "AlreadyRelaxedError",

@@ -147,7 +147,8 @@ def list_adapters() -> list[AdapterInfo]:
         plugin = pm.get_plugin(name)
         info_fn = getattr(plugin, "relax_adapter_info", None)
         info = (info_fn() if callable(info_fn) else None) or {}
-        out.append(AdapterInfo(name, _distributions.get(name, "?"), info.get("description", ""), info.get("layers", "")))
+        dist = _distributions.get(name, "?")
+        out.append(AdapterInfo(name, dist, info.get("description", ""), info.get("layers", "")))
     return out
 
 

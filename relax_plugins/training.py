@@ -1,0 +1,117 @@
+"""A plain-loop training helper: θ schedule, penalty and logging in one place, resumable."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from .api import get_theta, penalty, project, projection_report, set_theta
+from .schedules import Schedule, as_schedule
+
+__all__ = ["RelaxedTraining"]
+
+
+class RelaxedTraining:
+    """Drives one relaxed model through training.
+
+    Call :meth:`advance` once per schedule unit (epoch or step, your choice through ``total``) to set
+    θ, add :meth:`penalty` to the task loss, and use :meth:`export` for every checkpoint you keep:
+    it returns a *projected* copy, so a saved "best" model is never a relaxed one. :meth:`finish`
+    projects the model itself at the end.
+
+    Args:
+        model: a model already passed through :func:`relax_plugins.relax`.
+        schedule: a :class:`~relax_plugins.schedules.Schedule`, a name ("triangular", "linear_decay",
+            "cosine", "constant") or a callable of t ∈ [0, 1].
+        total: number of :meth:`advance` calls (needed unless ``schedule`` is a Schedule).
+        lie: λ_LD. norm: λ_N. form: see :func:`relax_plugins.penalty`.
+
+    Example:
+        >>> import torch, relax_plugins as rp
+        >>> from relax_toy.layers import SO2Linear
+        >>> model = rp.relax(torch.nn.Sequential(SO2Linear(2, 2)))
+        >>> run = rp.RelaxedTraining(model, "triangular", total=3)
+        >>> [run.advance() for _ in range(3)]
+        [0.0, 1.0, 0.0]
+        >>> loss = run.loss(model(torch.randn(4, 4)).square().mean())
+        >>> type(run.finish()[0]).__name__
+        'SO2Linear'
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: Schedule | str | Callable[[float], float],
+        total: int | None = None,
+        *,
+        lie: float = 1e-2,
+        norm: float = 1e-2,
+        form: str = "sqrt",
+    ) -> None:
+        if not isinstance(schedule, Schedule) and total is None:
+            raise ValueError("total is required unless schedule is a Schedule instance")
+        self.model = model
+        self.schedule = as_schedule(schedule, total=total or 1)
+        self.lie, self.norm, self.form = lie, norm, form
+        self.position = 0  # index of the next advance()
+        self.history: list[dict[str, float]] = []
+        get_theta(model)  # fails early on an unrelaxed model
+
+    @property
+    def theta(self) -> float:
+        return self.schedule(max(self.position - 1, 0))
+
+    @property
+    def done(self) -> bool:
+        """True once the schedule has reached its last index (θ = 0)."""
+        return self.position >= self.schedule.total
+
+    def advance(self) -> float:
+        """Set θ for the next schedule index and return it."""
+        value = self.schedule(self.position)
+        set_theta(self.model, value)
+        self.position += 1
+        return value
+
+    def penalty(self) -> Tensor:
+        """The relaxation penalty for the last forward pass."""
+        return penalty(self.model, self.lie, self.norm, form=self.form)
+
+    def loss(self, task_loss: Tensor) -> Tensor:
+        """``task_loss + penalty``; logs both (as floats) in :attr:`history`."""
+        pen = self.penalty()
+        self.history.append(
+            {"position": self.position - 1, "theta": self.theta, "task": float(task_loss.detach()),
+             "penalty": float(pen.detach())}
+        )
+        return task_loss + pen
+
+    def report(self) -> dict[str, dict[str, float]]:
+        """:func:`relax_plugins.projection_report` of the model."""
+        return projection_report(self.model)
+
+    def export(self, merge: bool = False) -> nn.Module:
+        """A projected deep copy of the model (the model itself stays relaxed): save this one."""
+        return project(copy.deepcopy(self.model), merge=merge)
+
+    def finish(self, merge: bool = False) -> nn.Module:
+        """Project the model in place (after the schedule ends θ is 0 already)."""
+        if not self.done and not math.isclose(self.theta, 0.0):
+            set_theta(self.model, 0.0)
+        return project(self.model, merge=merge)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Schedule position and log; θ and W live in the model's own state_dict."""
+        return {"position": self.position, "history": list(self.history), "schedule": repr(self.schedule)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("schedule") != repr(self.schedule):
+            raise ValueError(f"checkpoint was made with {state.get('schedule')}, this run uses {self.schedule!r}")
+        self.position = int(state["position"])
+        self.history = list(state["history"])
+        if self.position > 0:
+            set_theta(self.model, self.schedule(self.position - 1))
