@@ -7,6 +7,7 @@
 
 from . import schedules
 from .api import get_theta, penalty, project, projection_report, relax, relaxed_modules, set_theta
+from .diagnostics import equivariance_report, format_report, plot_history, plot_report, save_report
 from .errors import (
     AdapterError,
     AlreadyRelaxedError,
@@ -41,6 +42,11 @@ __all__ = [
     "penalty",
     "relaxed_modules",
     "projection_report",
+    "equivariance_report",
+    "format_report",
+    "save_report",
+    "plot_report",
+    "plot_history",
     "schedules",
     "list_adapters",
     "register_adapter",

@@ -249,7 +249,7 @@ def penalty(
         >>> from relax_toy.layers import SO2Linear
         >>> m = rp.relax(torch.nn.Sequential(SO2Linear(2, 2)))
         >>> _ = m(torch.randn(8, 4))
-        >>> float(rp.penalty(m)) < 1e-5   # W = 0 at the start
+        >>> float(rp.penalty(m).detach()) < 1e-5   # W = 0 at the start
         True
     """
     if form not in PENALTY_FORMS:

@@ -1,0 +1,131 @@
+"""Equivariance report: per-layer relaxation statistics and model-level equivariance errors, as a
+dict (JSON-ready), a terminal table and a PNG."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .api import project, projection_report, relaxed_modules
+
+__all__ = ["equivariance_report", "format_report", "save_report", "plot_report", "plot_history"]
+
+LAYER_COLUMNS = ("theta", "relax_ratio", "lie_defect", "rel_weight_error", "rel_output_error")
+
+
+def equivariance_report(
+    model: nn.Module,
+    *inputs: Any,
+    error_fn: Callable[[nn.Module], float] | None = None,
+    merge: bool = False,
+) -> dict[str, Any]:
+    """Per relaxed layer: θ, θ||Wx||/||f_θ(x)||, mean Lie/discrete defect, ||W−P(W)||/||W|| and
+    θ||(W−P(W))x||/||f_θ(x)|| on ``inputs``; for the whole model, ``error_fn`` of the relaxed model
+    and of a projected copy (the model itself is not changed).
+
+    Args:
+        model: a relaxed model.
+        *inputs: one batch, passed as ``model(*inputs)`` (no gradients).
+        error_fn: model → equivariance error (your group action on your data); optional.
+        merge: how the projected copy is made.
+
+    Example:
+        >>> import torch, relax_plugins as rp
+        >>> from relax_toy.layers import SO2Linear
+        >>> m = rp.relax(torch.nn.Sequential(SO2Linear(1, 1)))
+        >>> r = rp.equivariance_report(m, torch.randn(4, 2))
+        >>> sorted(r)
+        ['layers', 'model']
+    """
+    with torch.no_grad():
+        model(*inputs)
+        layers = projection_report(model)
+    for name, layer in relaxed_modules(model):
+        layers[name]["adapter"] = layer.adapter
+        layers[name]["layer"] = type(layer.base).__name__
+    out: dict[str, Any] = {"layers": layers, "model": {}}
+    if error_fn is not None:
+        with torch.no_grad():
+            out["model"]["relaxed"] = float(error_fn(model))
+            out["model"]["projected"] = float(error_fn(project(copy.deepcopy(model), merge=merge)))
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a fixed-width table.
+
+    Example:
+        >>> print(format_report({"layers": {"0": {"theta": 0.5}}, "model": {}}).splitlines()[0].split()[:2])
+        ['layer', 'theta']
+    """
+    header = f"{'layer':24s} " + " ".join(f"{c:>16s}" for c in LAYER_COLUMNS)
+    lines = [header, "-" * len(header)]
+    for name, row in report["layers"].items():
+        cells = " ".join(f"{row[c]:16.3e}" if c in row else f"{'-':>16s}" for c in LAYER_COLUMNS)
+        lines.append(f"{name or '<root>':24.24s} {cells}")
+    for k, v in report.get("model", {}).items():
+        lines.append(f"model equivariance error ({k}): {v:.3e}")
+    return "\n".join(lines)
+
+
+def save_report(report: dict[str, Any], path: str | Path) -> Path:
+    """Write the report as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, sort_keys=True))
+    return path
+
+
+def plot_report(report: dict[str, Any], path: str | Path, columns: Sequence[str] = LAYER_COLUMNS[1:]) -> Path:
+    """Per-layer bar charts (log scale) of the report's columns, as a PNG (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["layers"])
+    fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 0.35 * len(names) + 2), squeeze=False)
+    for ax, col in zip(axes[0], columns):
+        vals = [max(report["layers"][n].get(col, 0.0), 1e-30) for n in names]
+        ax.barh(range(len(names)), vals)
+        ax.set_xscale("log")
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(col)
+    if report.get("model"):
+        fig.suptitle(", ".join(f"{k}: {v:.2e}" for k, v in report["model"].items()))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_history(history: Sequence[dict[str, float]], path: str | Path) -> Path:
+    """θ, task loss and penalty over training (e.g. :attr:`RelaxedTraining.history`) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+    x = range(len(history))
+    for ax, key in zip(axes, ("theta", "task", "penalty")):
+        ax.plot(x, [h[key] for h in history])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        if key != "theta":
+            ax.set_yscale("log")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,81 @@
+"""Equivariance report (dict, table, JSON, PNG) and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from relax_toy.layers import SO2Gate, SO2Linear, rotation_2d
+from torch import nn
+
+import relax_plugins as rp
+from relax_plugins import cli
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(SO2Linear(2, 3), SO2Gate(), SO2Linear(3, 1)).double()
+
+
+def relaxed_trained_model() -> nn.Module:
+    model = rp.relax(make_model())
+    with torch.no_grad():
+        for _, layer in rp.relaxed_modules(model):
+            layer.term.weight.normal_()
+    rp.set_theta(model, 0.5)
+    return model
+
+
+def error_fn(model: nn.Module) -> float:
+    x = torch.randn(32, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    R_in, R_out = rotation_2d(0.7, 2, torch.float64), rotation_2d(0.7, 1, torch.float64)
+    return float((model(x @ R_in.T) - model(x) @ R_out.T).norm() / model(x).norm())
+
+
+def test_report_dict_table_json_png(tmp_path):
+    model = relaxed_trained_model()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    report = rp.equivariance_report(model, x, error_fn=error_fn)
+    assert set(report["layers"]) == {"0", "2"}
+    row = report["layers"]["0"]
+    assert row["adapter"] == "toy" and row["layer"] == "SO2Linear" and row["theta"] == 0.5
+    assert row["relax_ratio"] > 0 and row["lie_defect"] > 0
+    assert report["model"]["relaxed"] > 1e-3 and report["model"]["projected"] < 1e-12
+    assert isinstance(model[0], rp.RelaxedModule)  # the report does not project the model itself
+    table = rp.format_report(report)
+    assert "relax_ratio" in table and "model equivariance error (projected)" in table
+    path = rp.save_report(report, tmp_path / "r.json")
+    assert json.loads(path.read_text())["layers"]["2"]["theta"] == 0.5
+    png = rp.plot_report(report, tmp_path / "r.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_history(tmp_path):
+    model = rp.relax(make_model())
+    run = rp.RelaxedTraining(model, "triangular", total=4)
+    for _ in range(4):
+        run.advance()
+        run.loss(model(torch.randn(4, 4, dtype=torch.float64)).square().mean() + 1e-3)
+    assert rp.plot_history(run.history, tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_cli_list(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "toy" in out and "relax-plugins 0.1.0" in out
+
+
+def test_cli_report_on_checkpoint(tmp_path, capsys, monkeypatch):
+    model = relaxed_trained_model()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "epoch": 3}, path)
+    assert cli.main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "0.5" in out and out.count("\n") >= 3
+    (tmp_path / "factory_mod.py").write_text(
+        "import torch\nfrom relax_toy.layers import SO2Gate, SO2Linear\n"
+        "def make():\n    return torch.nn.Sequential(SO2Linear(2, 3), SO2Gate(), SO2Linear(3, 1)).double()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.main(["report", str(path), "--model", "factory_mod:make", "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert 0 < report["layers"]["0"]["rel_weight_error"] < 1
