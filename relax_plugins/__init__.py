@@ -6,7 +6,16 @@
 """
 
 from . import schedules
-from .api import get_theta, penalty, project, projection_report, relax, relaxed_modules, set_theta
+from .api import (
+    get_theta,
+    penalty,
+    project,
+    projected_state_dict,
+    projection_report,
+    relax,
+    relaxed_modules,
+    set_theta,
+)
 from .diagnostics import equivariance_report, format_report, plot_history, plot_report, save_report
 from .errors import (
     AdapterError,
@@ -42,6 +51,7 @@ __all__ = [
     "penalty",
     "relaxed_modules",
     "projection_report",
+    "projected_state_dict",
     "equivariance_report",
     "format_report",
     "save_report",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 import warnings
@@ -30,6 +31,7 @@ __all__ = [
     "penalty",
     "relaxed_modules",
     "projection_report",
+    "projected_state_dict",
     "PENALTY_FORMS",
 ]
 
@@ -338,3 +340,40 @@ def project(model: nn.Module, merge: bool = False) -> nn.Module:
     for name, layer in layers:
         model.set_submodule(name, layer.base)
     return model
+
+
+def projected_state_dict(model: nn.Module, merge: bool = False) -> dict[str, Tensor]:
+    """The state_dict that ``project(model, merge)`` would have, without changing ``model``.
+
+    Keys are those of the original architecture, so the result loads into a model that was never
+    relaxed. Cheaper than projecting a deep copy: only the relaxed base layers are copied (and only
+    when ``merge``).
+
+    Example:
+        >>> import torch, relax_plugins as rp
+        >>> from relax_toy.layers import SO2Linear
+        >>> m = rp.relax(torch.nn.Sequential(SO2Linear(1, 1)))
+        >>> list(rp.projected_state_dict(m))
+        ['0.a', '0.b']
+    """
+    layers = _require_relaxed(model, "projected_state_dict")
+    state = model.state_dict()
+    replaced: dict[str, dict[str, Tensor]] = {}
+    for name, layer in layers:
+        prefix = f"{name}." if name else ""
+        base = layer.base
+        if merge:
+            base = copy.deepcopy(base)
+            with torch.no_grad():
+                if not layer.term.merge(base, layer.theta):
+                    base = layer.base
+        replaced[prefix] = {prefix + k: v for k, v in base.state_dict().items()}
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        owner = next((p for p in replaced if key.startswith(p)), None)
+        if owner is None:
+            out[key] = value
+        elif key.startswith(owner + "base."):
+            new_key = owner + key[len(owner) + len("base."):]
+            out[new_key] = replaced[owner][new_key]
+    return out

@@ -389,3 +389,20 @@ def test_per_layer_theta():
     model = rp.relax(so2_model())
     rp.set_theta(model, {"2": 0.25})
     assert rp.get_theta(model) == {"0": 0.0, "2": 0.25}
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_projected_state_dict_equals_state_of_projected_model(merge):
+    import copy
+
+    model = rp.relax(so2_model())
+    randomise_relaxation(model)
+    rp.set_theta(model, 0.6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = rp.projected_state_dict(model, merge=merge)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # model unchanged
+    expected = rp.project(copy.deepcopy(model), merge=merge).state_dict()
+    assert list(state) == list(expected)
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+    fresh = so2_model()
+    fresh.load_state_dict(state)  # strict: the original architecture's keys

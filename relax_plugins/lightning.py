@@ -1,0 +1,134 @@
+"""PyTorch Lightning integration (optional dependency ``pytorch-lightning`` or ``lightning``).
+
+:class:`RelaxationCallback` steps θ, adds the penalty to the loss returned by ``training_step``,
+logs ``relax/theta`` and ``relax/penalty``, projects the model when fitting ends, and makes every
+checkpoint's ``state_dict`` the *projected* model's (original keys, exactly equivariant, loadable
+without this library); the relaxed state rides along under ``checkpoint["relax_plugins"]`` so that
+``trainer.fit(..., ckpt_path=...)`` resumes mid-schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # the standalone distribution
+    import pytorch_lightning as pl
+
+from .api import projected_state_dict, relaxed_modules
+from .schedules import Schedule
+from .training import RelaxedTraining
+
+__all__ = ["RelaxationCallback"]
+
+_KEY = "relax_plugins"
+
+
+class RelaxationCallback(pl.Callback):
+    """Relaxation schedule, penalty, logging and projection for a ``LightningModule``.
+
+    Relax the module's network before handing it to the trainer (``rp.relax(module)`` or on a
+    submodule). ``training_step`` may return a loss tensor or a dict with ``"loss"``.
+
+    Args:
+        schedule: name, :class:`~relax_plugins.schedules.Schedule` or callable of t ∈ [0, 1].
+        per: "epoch" (total = ``max_epochs``) or "step" (total = ``estimated_stepping_batches``).
+        lie: λ_LD. norm: λ_N. form: see :func:`relax_plugins.penalty`.
+        merge: fold θ·P(W) into base weights when projecting (checkpoints and fit end).
+
+    Example:
+        >>> cb = RelaxationCallback("triangular", per="epoch")
+        >>> cb.per
+        'epoch'
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule | str = "triangular",
+        per: str = "epoch",
+        lie: float = 1e-2,
+        norm: float = 1e-2,
+        form: str = "sqrt",
+        merge: bool = False,
+    ) -> None:
+        if per not in ("epoch", "step"):
+            raise ValueError(f"per must be 'epoch' or 'step', got {per!r}")
+        self.schedule, self.per = schedule, per
+        self.lie, self.norm, self.form, self.merge = lie, norm, form, merge
+        self.run: RelaxedTraining | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # set-up ---------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or getattr(pl_module, "_relax_plugins_patched", False):
+            return
+        if not any(True for _ in relaxed_modules(pl_module)):
+            raise RuntimeError("RelaxationCallback: the LightningModule holds no relaxed layer; call rp.relax first")
+        original_step = pl_module.training_step
+        original_load = pl_module.on_load_checkpoint
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            out = original_step(*args, **kwargs)
+            pen = self.run.penalty()
+            pl_module.log("relax/penalty", pen.detach(), on_step=True, on_epoch=True)
+            pl_module.log("relax/theta", float(self.run.theta), on_step=True, on_epoch=True)
+            if isinstance(out, dict):
+                return {**out, "loss": out["loss"] + pen}
+            return out + pen
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            # the top-level state_dict is the projected model; resume from the relaxed one
+            if _KEY in checkpoint:
+                checkpoint["state_dict"] = checkpoint[_KEY]["state_dict"]
+            original_load(checkpoint)
+
+        pl_module.training_step = training_step
+        pl_module.on_load_checkpoint = on_load_checkpoint
+        pl_module._relax_plugins_patched = True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.per == "epoch":
+            total = trainer.max_epochs
+        else:
+            total = int(trainer.estimated_stepping_batches)
+        if total is None or total < 1:
+            raise ValueError("RelaxationCallback needs a finite max_epochs (per='epoch') or max_steps (per='step')")
+        self.run = RelaxedTraining(
+            pl_module, self.schedule, total=total, lie=self.lie, norm=self.norm, form=self.form
+        )
+        if self._pending_state is not None:
+            self.run.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    # schedule -------------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.per == "epoch":
+            self.run.advance()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.per == "step":
+            self.run.advance()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if any(True for _ in relaxed_modules(pl_module)):
+            self.run.finish(merge=self.merge)
+
+    # checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if not any(True for _ in relaxed_modules(pl_module)):
+            return
+        checkpoint[_KEY] = {"state_dict": checkpoint["state_dict"]}
+        checkpoint["state_dict"] = projected_state_dict(pl_module, merge=self.merge)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.run.state_dict() if self.run is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._pending_state = state_dict
+            if self.run is not None:
+                self.run.load_state_dict(state_dict)
+                self._pending_state = None
