@@ -406,3 +406,18 @@ def test_projected_state_dict_equals_state_of_projected_model(merge):
     assert all(torch.equal(state[k], expected[k]) for k in expected)
     fresh = so2_model()
     fresh.load_state_dict(state)  # strict: the original architecture's keys
+
+
+@pytest.mark.parametrize("make", [so2_model, cn_model])
+def test_penalty_moment_route_equals_sample_route(make, dtype):
+    model = rp.relax(make(dtype), rank=None)
+    randomise_relaxation(model)
+    d_in = model[0].term.symmetry.dim_in
+    for n in (d_in - 1, 5 * d_in):  # both sides of the switch
+        model(torch.randn(n, d_in, dtype=dtype))
+        for _, layer in rp.relaxed_modules(model):
+            a = layer.term._penalty_from_samples(layer.term._x)
+            b = layer.term._penalty_from_moments(layer.term._x)
+            tol = 1e-10 if dtype == torch.float64 else 1e-4
+            assert torch.allclose(a.lie, b.lie, rtol=tol) and torch.allclose(a.norm, b.norm, rtol=tol)
+            assert a.samples == b.samples == n
