@@ -54,7 +54,8 @@ class RelaxedModule(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            base = self._modules.get("base")
+            # via __dict__: during unpickling _modules may not exist yet, and self._modules would recurse
+            base = self.__dict__.get("_modules", {}).get("base")
             if base is None:
                 raise
             return getattr(base, name)

@@ -421,3 +421,17 @@ def test_penalty_moment_route_equals_sample_route(make, dtype):
             tol = 1e-10 if dtype == torch.float64 else 1e-4
             assert torch.allclose(a.lie, b.lie, rtol=tol) and torch.allclose(a.norm, b.norm, rtol=tol)
             assert a.samples == b.samples == n
+
+
+def test_relaxed_model_pickles_and_deepcopies(tmp_path):
+    import copy
+    import pickle
+
+    model = rp.relax(so2_model())
+    randomise_relaxation(model)
+    rp.set_theta(model, 0.4)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(clone(x), model(x)) and clone[0].c_in == 3
+    with pytest.raises(AttributeError):
+        model[0].no_such_attribute
