@@ -17,6 +17,7 @@ from .api import (
     set_theta,
 )
 from .diagnostics import equivariance_report, format_report, plot_history, plot_report, save_report
+from .dual import DualAscentTheta
 from .errors import (
     AdapterError,
     AlreadyRelaxedError,
@@ -73,6 +74,7 @@ __all__ = [
     "PenaltyTerms",
     "RelaxedModule",
     "RelaxedTraining",
+    "DualAscentTheta",
     "RelaxError",
     "AdapterError",
     "AlreadyRelaxedError",

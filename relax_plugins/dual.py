@@ -1,0 +1,131 @@
+"""Learned per-layer θ driven to zero by dual ascent (after ACE, arXiv 2505.13631).
+
+Instead of a fixed schedule, every relaxed layer's θ_i becomes a learnable γ_i ≥ 0 and training
+solves  min L(w, γ)  subject to  γ_i = 0  through its Lagrangian L + Σ_i λ_i γ_i: primal descent on
+the weights and γ (your optimiser), dual ascent λ_i ← max(0, λ_i + η γ_i) (this class). γ_i only
+comes down once λ_i outweighs the task's pull −∂L/∂γ_i, so the final λ_i measures how hard layer i's
+data pulled away from the symmetry — a per-layer symmetry-breaking diagnostic. Keep η small
+enough for that pull to matter (with Adam, γ moves at the learning rate whatever the gradient size).
+
+The *resilient* variant relaxes the constraint to γ_i ≤ u_i with a learned slack u_i ≥ 0 that costs
+(ρ/2)·u_i²; it ends with γ_i ≈ u_i > 0 where the data are not symmetric, i.e. with a model that is
+only **approximately** equivariant: do not project it if you want to keep that slack.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .api import _require_relaxed
+
+__all__ = ["DualAscentTheta"]
+
+
+class DualAscentTheta:
+    """Per-layer learnable θ with dual variables; create it *before* the optimiser.
+
+    Args:
+        model: a relaxed model.
+        init: initial γ_i.
+        dual_lr: η, the dual step size.
+        resilient: learn a slack u_i per layer (approximate equivariance at the end).
+        slack_cost: ρ, the cost (ρ/2)·u² of the slack.
+        slack_lr: step size of the slack's gradient step.
+        augmented: ρ of the augmented-Lagrangian term (ρ/2)·Σ γ_i² (method of multipliers); it
+            damps the oscillation of plain gradient descent–ascent without moving the solution γ = 0.
+
+    Example:
+        >>> import torch, relax_plugins as rp
+        >>> from relax_toy.layers import SO2Linear
+        >>> model = rp.relax(torch.nn.Sequential(SO2Linear(2, 2)))
+        >>> dual = rp.DualAscentTheta(model, init=0.5, dual_lr=0.1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)   # now includes γ
+        >>> loss = model(torch.randn(4, 4)).square().mean() + dual.penalty()
+        >>> loss.backward(); opt.step(); dual.step()
+        >>> dual.duals()["0"] > 0
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        init: float = 1.0,
+        dual_lr: float = 1e-2,
+        *,
+        resilient: bool = False,
+        slack_cost: float = 1.0,
+        slack_lr: float = 1e-2,
+        augmented: float = 0.0,
+    ) -> None:
+        checks = ((init, "init"), (dual_lr, "dual_lr"), (slack_cost, "slack_cost"), (slack_lr, "slack_lr"),
+                  (augmented, "augmented"))
+        for v, n in checks:
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{n} must be finite and >= 0, got {v}")
+        self.model = model
+        self.dual_lr, self.resilient = dual_lr, resilient
+        self.slack_cost, self.slack_lr = slack_cost, slack_lr
+        self.augmented = augmented
+        self.layers = _require_relaxed(model, "DualAscentTheta")
+        for _, layer in self.layers:
+            if isinstance(layer.theta, nn.Parameter):
+                raise ValueError("θ is already learnable (another DualAscentTheta?)")
+        for _, layer in self.layers:
+            value = layer.theta.detach().clone().fill_(init)
+            del layer._buffers["theta"]
+            layer.theta = nn.Parameter(value)
+        self.lambdas = {name: 0.0 for name, _ in self.layers}
+        self.slacks = {name: 0.0 for name, _ in self.layers}
+
+    def gammas(self) -> dict[str, float]:
+        """Current γ_i (= θ_i) per layer."""
+        return {name: float(layer.theta.detach()) for name, layer in self.layers}
+
+    def duals(self) -> dict[str, float]:
+        """Current λ_i per layer: the symmetry-breaking diagnostic."""
+        return dict(self.lambdas)
+
+    def penalty(self) -> Tensor:
+        """Σ_i λ_i (γ_i − u_i) + (ρ/2)·Σ_i γ_i²: add it to the loss every step (λ, u are constants here)."""
+        terms = [layer.theta * self.lambdas[name] + 0.5 * self.augmented * layer.theta.square()
+                 for name, layer in self.layers]
+        return torch.stack(terms).sum() - sum(self.lambdas[n] * self.slacks[n] for n, _ in self.layers)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """After ``optimizer.step()``: the dual (and, resilient, slack) updates."""
+        for name, layer in self.layers:
+            # constraint 0 ≤ γ ≤ u (u = 0 unless resilient): projected γ, λ ≥ 0
+            layer.theta.clamp_(min=0.0)
+            violation = float(layer.theta.detach()) - (self.slacks[name] if self.resilient else 0.0)
+            self.lambdas[name] = max(0.0, self.lambdas[name] + self.dual_lr * violation)
+            if self.resilient:
+                u = self.slacks[name] - self.slack_lr * (self.slack_cost * self.slacks[name] - self.lambdas[name])
+                self.slacks[name] = max(0.0, u)
+
+    def finish(self) -> None:
+        """Turn γ back into fixed buffers; θ = 0 unless resilient (then the learned γ stays)."""
+        for _, layer in self.layers:
+            value = layer.theta.detach().clone()
+            if not self.resilient:
+                value.zero_()
+            del layer._parameters["theta"]
+            layer.register_buffer("theta", value)
+        if self.resilient and any(v > 0 for v in self.gammas().values()):
+            warnings.warn(
+                "resilient dual ascent kept θ > 0 in some layers: the model is only approximately equivariant "
+                "(project() would drop that part)",
+                stacklevel=2,
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lambdas": dict(self.lambdas), "slacks": dict(self.slacks)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lambdas = {k: float(v) for k, v in state["lambdas"].items()}
+        self.slacks = {k: float(v) for k, v in state["slacks"].items()}

@@ -1,0 +1,84 @@
+"""Dual-ascent θ: γ is learned, driven to 0; duals report symmetry breaking; resilient slack."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from relax_toy.layers import SO2Gate, SO2Linear
+from torch import nn
+
+import relax_plugins as rp
+
+
+def model_and_data(symmetric: bool):
+    torch.manual_seed(0)
+    model = rp.relax(nn.Sequential(SO2Linear(2, 4), SO2Gate(), SO2Linear(4, 1)).double())
+    x = torch.randn(256, 4, dtype=torch.float64)
+    if symmetric:
+        teacher = nn.Sequential(SO2Linear(2, 1)).double()
+        y = teacher(x).detach()
+    else:  # a target that no SO(2)-equivariant map produces: a fixed direction
+        y = torch.zeros(256, 2, dtype=torch.float64)
+        y[:, 0] = x[:, 0] + x[:, 1] ** 2
+    return model, x, y
+
+
+def train(model, x, y, dual, steps=300):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gammas = []
+    for _ in range(steps):
+        loss = (model(x) - y).square().mean() + rp.penalty(model) + dual.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        dual.step()
+        gammas.append(dual.gammas())
+    return gammas
+
+
+def test_theta_becomes_learnable_and_is_driven_to_zero():
+    model, x, y = model_and_data(symmetric=True)
+    dual = rp.DualAscentTheta(model, init=1.0, dual_lr=0.5)
+    assert "0.theta" in dict(model.named_parameters())
+    gammas = train(model, x, y, dual)
+    assert all(v >= 0 for g in gammas for v in g.values())
+    assert max(gammas[-1].values()) < 0.05 < min(gammas[0].values())
+    assert all(v > 0 for v in dual.duals().values())
+    dual.finish()
+    assert rp.get_theta(model) == {"0": 0.0, "2": 0.0}
+    assert "0.theta" in dict(model.named_buffers())
+    rp.project(model)
+
+
+def test_duals_are_larger_where_the_data_break_the_symmetry():
+    lambdas = {}
+    for symmetric in (True, False):
+        model, x, y = model_and_data(symmetric)
+        # a small dual step lets the task's pull on γ show before λ wins
+        dual = rp.DualAscentTheta(model, init=1.0, dual_lr=0.005)
+        train(model, x, y, dual, steps=300)
+        lambdas[symmetric] = max(dual.duals().values())
+    assert lambdas[False] > 1.2 * lambdas[True]
+
+
+def test_resilient_keeps_slack_and_warns():
+    model, x, y = model_and_data(symmetric=False)
+    dual = rp.DualAscentTheta(model, init=1.0, dual_lr=0.05, resilient=True, slack_cost=1.0, slack_lr=0.05)
+    train(model, x, y, dual, steps=200)
+    assert any(v > 0 for v in dual.slacks.values())
+    with pytest.warns(UserWarning, match="approximately equivariant"):
+        dual.finish()
+    assert any(v > 0 for v in rp.get_theta(model).values())
+
+
+def test_state_round_trip_and_errors():
+    model, x, y = model_and_data(symmetric=True)
+    dual = rp.DualAscentTheta(model, dual_lr=0.1)
+    train(model, x, y, dual, steps=3)
+    other = rp.DualAscentTheta(model_and_data(True)[0])
+    other.load_state_dict(dual.state_dict())
+    assert other.duals() == dual.duals()
+    with pytest.raises(ValueError, match="already learnable"):
+        rp.DualAscentTheta(model)
+    with pytest.raises(ValueError):
+        rp.DualAscentTheta(model_and_data(True)[0], dual_lr=-1.0)
