@@ -30,7 +30,11 @@ __all__ = [
     "group_closure",
     "lie_defect",
     "group_defect",
+    "GenericProjector",
 ]
+
+# dense intertwiner bases above this many weight entries are too costly for the generic projector
+MAX_GENERIC_NULLSPACE = 4096
 
 
 def _stack(mats: Tensor | list[Tensor] | None, d: int) -> Tensor:
@@ -218,3 +222,56 @@ def group_closure(gens: Tensor, max_order: int = 10_000, tol: float = 1e-6) -> T
                         raise ValueError(f"group generated has more than {max_order} elements")
         frontier = new
     return torch.stack(elems)
+
+
+class GenericProjector(nn.Module):
+    """P(W) onto the intertwiners of a :class:`Symmetry`, linear and differentiable in W.
+
+    Finite groups (no Lie generators): the Reynolds average (1/|G|) Σ_g ρ_out(g)⁻¹ W ρ_in(g) over
+    the group closed from the generators (an orthogonal projection for orthogonal representations).
+    Otherwise: the orthogonal projection onto the null space of the generator constraints, for layers
+    of at most ``MAX_GENERIC_NULLSPACE`` weight entries. Adapters with structure (e3nn paths, escnn
+    bases) use closed forms instead. Computed in float64, cached once per device.
+
+    Example:
+        >>> import torch
+        >>> J = torch.tensor([[0., -1.], [1., 0.]])
+        >>> P = GenericProjector(Symmetry(2, 2, lie_in=J[None], lie_out=J[None]))
+        >>> W = P(torch.randn(2, 2, dtype=torch.float64))
+        >>> bool(torch.allclose(P(W), W))
+        True
+    """
+
+    def __init__(self, symmetry: Symmetry) -> None:
+        super().__init__()
+        self.symmetry = symmetry
+        self._cache: dict[torch.device, tuple[str, Tensor, Tensor | None]] = {}
+
+    def _prepare(self, device: torch.device) -> tuple[str, Tensor, Tensor | None]:
+        if device in self._cache:
+            return self._cache[device]
+        sym = self.symmetry
+        if sym.num_lie == 0:
+            # close the group on ρ_in ⊕ ρ_out so that input and output elements stay paired
+            di = sym.dim_in
+            gens = torch.stack([torch.block_diag(i, o) for i, o in zip(sym.group_in.double(), sym.group_out.double())])
+            elems = group_closure(gens.cpu()).to(device)
+            entry = ("reynolds", elems[:, :di, :di].contiguous(), torch.linalg.inv(elems[:, di:, di:]))
+        else:
+            if sym.dim_in * sym.dim_out > MAX_GENERIC_NULLSPACE:
+                raise NotImplementedError(
+                    f"no closed-form projection for a {sym.dim_out}x{sym.dim_in} layer with Lie generators; "
+                    "the adapter must provide one (override project_dense)"
+                )
+            entry = ("basis", intertwiner_basis(sym).to(device), None)
+        self._cache[device] = entry
+        return entry
+
+    def forward(self, W: Tensor) -> Tensor:
+        kind, a, b = self._prepare(W.device)
+        Wd = W.double()
+        if kind == "reynolds":
+            out = (b @ Wd @ a).mean(0)
+        else:
+            out = (a @ (a.T @ Wd.reshape(-1))).reshape(W.shape)
+        return out.to(W.dtype)

@@ -16,12 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .symmetry import Symmetry, group_closure, group_defect, intertwiner_basis, lie_defect
+from .symmetry import GenericProjector, Symmetry, group_defect, lie_defect
 
 __all__ = ["RelaxationTerm", "LinearRelaxation", "PenaltyTerms"]
-
-# dense intertwiner bases above this many weight entries are too costly for the generic fallback
-MAX_GENERIC_NULLSPACE = 4096
 
 
 class PenaltyTerms(tuple):
@@ -83,6 +80,10 @@ class LinearRelaxation(RelaxationTerm):
         rank: if given, W = B·A with A (rank, d_in) random and B (d_out, rank) zero (LoRA-style),
             so relax() still does not change outputs but W can learn.
         init_std: standard deviation of a random initial W (full rank only); 0 keeps outputs.
+        subgroup: relax only to a subgroup H of the layer's group: the H-generators as a
+            :class:`Symmetry` (projected generically) or any module mapping a dense W to P_H(W).
+            W = P_H(V) stays exactly H-equivariant while the penalties and the final projection
+            still refer to the whole group.
 
     Example:
         >>> import torch
@@ -92,9 +93,20 @@ class LinearRelaxation(RelaxationTerm):
         0.0
     """
 
-    def __init__(self, symmetry: Symmetry, rank: int | None = None, init_std: float = 0.0) -> None:
+    def __init__(
+        self,
+        symmetry: Symmetry,
+        rank: int | None = None,
+        init_std: float = 0.0,
+        subgroup: Symmetry | nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.symmetry = symmetry
+        self._projector: GenericProjector | None = None
+        # relaxing to a subgroup H < G: W is kept H-equivariant by parametrising it as P_H(V)
+        if isinstance(subgroup, Symmetry):
+            subgroup = GenericProjector(subgroup)
+        self.subgroup = subgroup
         d_in, d_out = symmetry.dim_in, symmetry.dim_out
         self.rank = rank
         if rank is None:
@@ -130,10 +142,13 @@ class LinearRelaxation(RelaxationTerm):
     # -- maths ---------------------------------------------------------------------------------
     def dense(self) -> Tensor:
         """W as a dense (d_out, d_in) matrix."""
-        return self.weight if self.rank is None else self.lora_b @ self.lora_a
+        W = self.weight if self.rank is None else self.lora_b @ self.lora_a
+        return W if self.subgroup is None else self.subgroup(W)
 
     def apply_weight(self, v: Tensor) -> Tensor:
         """W applied to the last axis of ``v``."""
+        if self.subgroup is not None:
+            return v @ self.dense().T
         if self.rank is None:
             return v @ self.weight.T
         return (v @ self.lora_a.T) @ self.lora_b.T
@@ -185,29 +200,14 @@ class LinearRelaxation(RelaxationTerm):
 
     # -- projection ------------------------------------------------------------------------
     def project_dense(self, W: Tensor) -> Tensor:
-        """Orthogonal projection of a dense W onto the intertwiners (adapters override with
-        closed forms). Generic fallback: Reynolds average over a finite group, or the null space
-        of the generator constraints for small layers."""
-        sym = self.symmetry
-        if sym.num_lie == 0:
-            # close the group on ρ_in ⊕ ρ_out so that input and output elements stay paired
-            di = sym.dim_in
-            gens = torch.stack([torch.block_diag(i, o) for i, o in zip(sym.group_in.double(), sym.group_out.double())])
-            elems = group_closure(gens)
-            gi, go = elems[:, :di, :di], elems[:, di:, di:]
-            return (torch.linalg.solve(go, W.double() @ gi).mean(0)).to(W.dtype)
-        n = sym.dim_in * sym.dim_out
-        if n > MAX_GENERIC_NULLSPACE:
-            raise NotImplementedError(
-                f"no closed-form projection for a {sym.dim_out}x{sym.dim_in} layer; the adapter must "
-                "override project_dense"
-            )
-        Q = getattr(self, "_basis_cache", None)
-        if Q is None or Q.device != W.device:
-            Q = intertwiner_basis(sym).to(W.device)
-            self._basis_cache = Q
-        w = W.detach().double().reshape(-1)
-        return (Q @ (Q.T @ w)).reshape(W.shape).to(W.dtype)
+        """Orthogonal projection of a dense W onto the intertwiners of the layer's group.
+
+        Adapters override this with closed forms; the default is :class:`GenericProjector`
+        (Reynolds average over a finite group, or the generators' null space for small layers).
+        """
+        if self._projector is None:
+            self._projector = GenericProjector(self.symmetry)
+        return self._projector(W)
 
     def projected(self) -> Tensor:
         """P(W), dense."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -41,21 +42,30 @@ def relax_make_term(module: nn.Module, options: dict) -> LinearRelaxation | None
     if layers is None:
         return None
     kw = {"rank": options.get("rank"), "init_std": options.get("init_std", 0.0)}
+    # subgroup=k relaxes only to the cyclic subgroup C_k (SO(2) ⊃ C_k; C_n ⊃ C_k for k | n)
+    k = options.get("subgroup")
     if isinstance(module, layers.SO2Linear):
-        sym = Symmetry(
-            2 * module.c_in, 2 * module.c_out,
-            lie_in=layers.so2_generator(module.c_in)[None], lie_out=layers.so2_generator(module.c_out)[None],
-            name="SO(2)",
-        )
-        return SO2Relaxation(sym, **kw)
+        ci, co = module.c_in, module.c_out
+        sym = Symmetry(2 * ci, 2 * co, lie_in=layers.so2_generator(ci)[None], lie_out=layers.so2_generator(co)[None],
+                       name="SO(2)")
+        sub = None
+        if k is not None:
+            angle = 2 * math.pi / int(k)
+            sub = Symmetry(2 * ci, 2 * co, group_in=layers.rotation_2d(angle, ci)[None],
+                           group_out=layers.rotation_2d(angle, co)[None], name=f"C{k}")
+        return SO2Relaxation(sym, subgroup=sub, **kw)
     if isinstance(module, layers.CNLinear):
-        n = module.n
-        sym = Symmetry(
-            n * module.c_in, n * module.c_out,
-            group_in=layers.cyclic_shift(n, module.c_in)[None], group_out=layers.cyclic_shift(n, module.c_out)[None],
-            name=f"C{n}",
-        )
-        return CNRelaxation(sym, **kw)
+        n, ci, co = module.n, module.c_in, module.c_out
+        sym = Symmetry(n * ci, n * co, group_in=layers.cyclic_shift(n, ci)[None],
+                       group_out=layers.cyclic_shift(n, co)[None], name=f"C{n}")
+        sub = None
+        if k is not None:
+            if n % int(k):
+                raise ValueError(f"C{k} is not a subgroup of C{n}")
+            step = n // int(k)
+            sub = Symmetry(n * ci, n * co, group_in=torch.linalg.matrix_power(layers.cyclic_shift(n, ci), step)[None],
+                           group_out=torch.linalg.matrix_power(layers.cyclic_shift(n, co), step)[None], name=f"C{k}")
+        return CNRelaxation(sym, subgroup=sub, **kw)
     return None
 
 

@@ -1,0 +1,56 @@
+"""Relaxing to a subgroup H < G: W stays exactly H-equivariant; projection returns to G."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from relax_toy.layers import CNLinear, SO2Linear, cyclic_shift, rotation_2d
+from torch import nn
+
+import relax_plugins as rp
+
+
+def train_a_bit(model, x, steps=20):
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if ".term." in n], lr=0.1)
+    for _ in range(steps):
+        loss = (model(x) - x.flip(-1)[..., : model(x).shape[-1]]).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@torch.no_grad()
+def error(model, g_in, g_out, x):
+    return float((model(x @ g_in.T) - model(x) @ g_out.T).abs().max())
+
+
+def test_so2_relaxed_to_c2(dtype):
+    # on 2D vectors Hom_C4 = Hom_SO(2) (aI + bJ); C2 (rotation by π = −I) is a proper relaxation
+    model = rp.relax(nn.Sequential(SO2Linear(2, 2)).to(dtype), adapter_options={"subgroup": 2})
+    rp.set_theta(model, 1.0)
+    x = torch.randn(64, 4, dtype=dtype)
+    train_a_bit(model, x)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    half = rotation_2d(math.pi, 2, dtype)
+    assert error(model, half, half, x) < tol  # H = C2 kept exactly
+    generic = rotation_2d(0.3, 2, dtype)
+    assert error(model, generic, generic, x) > 1e-3  # but not G = SO(2)
+    model(x)
+    assert float(rp.penalty(model, norm=0.0).detach()) > 0  # the penalty still refers to G
+    rp.project(model, merge=True)
+    assert error(model, generic, generic, x) < tol
+
+
+def test_c4_relaxed_to_c2():
+    model = rp.relax(nn.Sequential(CNLinear(2, 2, n=4)).double(), adapter_options={"subgroup": 2})
+    rp.set_theta(model, 1.0)
+    x = torch.randn(64, 8, dtype=torch.float64)
+    train_a_bit(model, x)
+    s, s2 = cyclic_shift(4, 2, torch.float64), torch.linalg.matrix_power(cyclic_shift(4, 2, torch.float64), 2)
+    assert error(model, s2, s2, x) < 1e-12 and error(model, s, s, x) > 1e-3
+    W = model[0].term.dense().detach()
+    assert torch.allclose(model[0].term.subgroup(W), W, atol=1e-12)  # W ∈ Hom_H
+    with pytest.raises(rp.AdapterError, match="not a subgroup"):
+        rp.relax(nn.Sequential(CNLinear(1, 1, n=4)), adapter_options={"subgroup": 3})
