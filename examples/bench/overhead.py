@@ -1,0 +1,214 @@
+"""Overhead of relaxation: training-step time, parameters and activation memory of relaxed vs standard
+models (full-rank and low-rank W), and inference of the projected model vs the original — measured
+side by side in one process, steps interleaved round-robin, medians.
+
+    python -m examples.bench.overhead [--steps 20] [--device cpu|cuda] [--models segnn,c8,vndgcnn]
+
+Writes ``results/overhead/overhead.json`` and ``overhead.png``; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import relax_plugins as rp
+
+
+@dataclass
+class Spec:
+    name: str
+    build: Callable[[], nn.Module]
+    batch: Callable[[torch.device], tuple[tuple, Tensor]]
+    loss: Callable[[Tensor, Tensor], Tensor]
+    rank: int
+
+
+def _segnn() -> Spec:
+    from examples.nbody.model import SEGNN
+
+    def batch(device):
+        g = torch.Generator().manual_seed(0)
+        loc, vel = torch.randn(100, 5, 3, generator=g), torch.randn(100, 5, 3, generator=g)
+        q = torch.randint(0, 2, (100, 5, 1), generator=g).float() * 2 - 1
+        return (loc.to(device), vel.to(device), q.to(device)), torch.randn(100, 5, 3, generator=g).to(device)
+
+    return Spec("e3nn SEGNN-like (N-body, batch 100)", SEGNN, batch, lambda o, y: (o - y).square().mean(), rank=4)
+
+
+def _c8() -> Spec:
+    from examples.rotmnist.model import C8Net
+
+    def batch(device):
+        g = torch.Generator().manual_seed(0)
+        return (torch.randn(32, 1, 29, 29, generator=g).to(device),), torch.randint(0, 10, (32,), generator=g).to(device)
+
+    return Spec("escnn C8 CNN (29x29, batch 32)", C8Net, batch, nn.functional.cross_entropy, rank=4)
+
+
+def _vndgcnn() -> Spec:
+    from examples.pointcloud.models import VNDGCNN
+
+    def batch(device):
+        g = torch.Generator().manual_seed(0)
+        return (torch.randn(8, 3, 300, generator=g).to(device),), torch.randint(0, 10, (8,), generator=g).to(device)
+
+    return Spec("VN-DGCNN (300 points, k 20, batch 8)", lambda: VNDGCNN(10, k=20), batch,
+                nn.functional.cross_entropy, rank=4)
+
+
+SPECS = {"segnn": _segnn, "c8": _c8, "vndgcnn": _vndgcnn}
+
+
+def saved_activation_bytes(model: nn.Module, inputs: tuple, target: Tensor, loss_fn, relaxed: bool) -> int:
+    """Bytes of the tensors autograd saves for backward in one step: the training memory that grows with
+    the batch (a CPU stand-in for peak GPU memory)."""
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(model(*inputs), target)
+        if relaxed:
+            loss = loss + rp.penalty(model)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+def measure(spec: Spec, steps: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    base = spec.build().to(device)
+    arms = {"standard": base}
+    for label, rank in (("relaxed", None), (f"relaxed rank {spec.rank}", spec.rank)):
+        model = rp.relax(copy.deepcopy(base), rank=rank)
+        rp.set_theta(model, 0.5)
+        arms[label] = model
+    inputs, target = spec.batch(device)
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in arms.items()}
+    times: dict[str, list[float]] = {k: [] for k in arms}
+
+    def step(label: str) -> float:
+        model, opt = arms[label], opts[label]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = spec.loss(model(*inputs), target)
+        if label != "standard":
+            loss = loss + rp.penalty(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for label in arms:  # warm-up: caches, escnn basis expansion, allocator
+        for _ in range(2):
+            step(label)
+    for _ in tqdm(range(steps), desc=spec.name, leave=False):
+        for label in arms:  # interleaved so that host noise hits every arm alike
+            times[label].append(step(label))
+    result = {"model": spec.name, "steps": steps, "arms": {}}
+    n_base = sum(p.numel() for p in base.parameters())
+    for label, model in arms.items():
+        result["arms"][label] = {
+            "step_ms": 1e3 * statistics.median(times[label]),
+            "params": sum(p.numel() for p in model.parameters()),
+            "saved_bytes": saved_activation_bytes(model, inputs, target, spec.loss, label != "standard"),
+        }
+    std = result["arms"]["standard"]
+    for label, row in result["arms"].items():
+        row["step_ratio"] = row["step_ms"] / std["step_ms"]
+        row["param_ratio"] = row["params"] / n_base
+        row["saved_ratio"] = row["saved_bytes"] / std["saved_bytes"]
+
+    # inference: project the relaxed model (merge) and time it against the original architecture
+    projected = rp.project(arms["relaxed"], merge=True).eval()
+    original = copy.deepcopy(projected)  # same classes and weights, never relaxed
+    original.load_state_dict(projected.state_dict())
+    infer = {"projected": [], "original": []}
+    with torch.no_grad():
+        for _ in range(max(steps, 5)):
+            for label, model in (("projected", projected), ("original", original)):
+                t0 = time.perf_counter()
+                model(*inputs)
+                infer[label].append(time.perf_counter() - t0)
+        same = torch.equal(projected(*inputs), original(*inputs))
+    result["inference_ratio"] = statistics.median(infer["projected"]) / statistics.median(infer["original"])
+    result["inference_identical_outputs"] = bool(same)
+    result["projected_classes_match"] = [type(m).__name__ for m in projected.modules()] == [
+        type(m).__name__ for m in base.modules()
+    ]
+    if device.type == "cuda":
+        result["device"] = torch.cuda.get_device_name(device)
+    return result
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
+    for ax, key, title in zip(axes, ("step_ratio", "param_ratio", "saved_ratio"),
+                              ("training step time / standard", "parameters / standard",
+                               "saved activations / standard")):
+        labels, vals = [], []
+        for r in results:
+            for arm, row in r["arms"].items():
+                if arm != "standard":
+                    labels.append(f"{r['model'].split(' (')[0]}\n{arm}")
+                    vals.append(row[key])
+        ax.barh(range(len(vals)), vals)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.axvline(1.25, color="r", lw=0.8, ls="--")
+        ax.set_yticks(range(len(vals)), labels, fontsize=7)
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", default=",".join(SPECS))
+    ap.add_argument("--out", default="results/overhead")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    results = [measure(SPECS[name](), args.steps, device) for name in args.models.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overhead.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "overhead.png")
+    print(f"{'model':40s} {'arm':18s} {'step ms':>9s} {'ratio':>6s} {'params':>8s} {'ratio':>6s} {'saved act.':>7s}")
+    for r in results:
+        for arm, row in r["arms"].items():
+            print(f"{r['model']:40s} {arm:18s} {row['step_ms']:9.1f} {row['step_ratio']:6.2f} {row['params']:8d} "
+                  f"{row['param_ratio']:6.2f} {row['saved_ratio']:7.2f}")
+        print(f"{'':40s} inference projected/original: {r['inference_ratio']:.2f}, identical outputs: "
+              f"{r['inference_identical_outputs']}, original classes: {r['projected_classes_match']}")
+    print(f"wrote {out / 'overhead.json'} and {out / 'overhead.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
