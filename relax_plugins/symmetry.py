@@ -91,10 +91,11 @@ class Symmetry(nn.Module):
         if li.shape[0] + gi.shape[0] == 0:
             raise ValueError("a Symmetry needs at least one generator")
         dtype = torch.get_default_dtype()
-        self.register_buffer("lie_in", li.to(dtype), persistent=False)
-        self.register_buffer("lie_out", lo.to(dtype), persistent=False)
-        self.register_buffer("group_in", gi.to(dtype), persistent=False)
-        self.register_buffer("group_out", go.to(dtype), persistent=False)
+        # contiguous: generators built from numpy (escnn) can be Fortran-ordered
+        self.register_buffer("lie_in", li.to(dtype).contiguous(), persistent=False)
+        self.register_buffer("lie_out", lo.to(dtype).contiguous(), persistent=False)
+        self.register_buffer("group_in", gi.to(dtype).contiguous(), persistent=False)
+        self.register_buffer("group_out", go.to(dtype).contiguous(), persistent=False)
 
     @property
     def num_lie(self) -> int:

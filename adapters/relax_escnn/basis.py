@@ -95,7 +95,7 @@ class BasisProjector:
                 raise NotImplementedError(f"basis expansion {type(be).__name__} is too large for a dense projection")
             # the expansion is linear in the weights: its Jacobian is the basis matrix
             eye = torch.eye(self.dim, dtype=torch.float64)
-            ref = next(be.buffers(), None)
+            ref = next((b for b in be.buffers() if b.is_floating_point()), None)
             cols = [be(e.to(ref.dtype if ref is not None else torch.float32)).double().reshape(-1) for e in eye]
             M = torch.stack(cols, dim=1)
             self._dense_pinv = torch.linalg.pinv(M)

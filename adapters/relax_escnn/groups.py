@@ -109,7 +109,7 @@ def lie_generators(ftype: FieldType, t: float | None = None) -> Tensor:
         mats.append(np.real(L) / t)
     if not mats:
         return torch.zeros(0, ftype.size, ftype.size, dtype=torch.float64)
-    return torch.from_numpy(np.stack(mats))
+    return torch.from_numpy(np.ascontiguousarray(np.stack(mats)))
 
 
 def group_generators(ftype: FieldType) -> Tensor:
@@ -124,7 +124,8 @@ def group_generators(ftype: FieldType) -> Tensor:
     mats = [np.asarray(ftype.representation(g), dtype=np.float64) for g in finite_elements(ftype.fibergroup)]
     if not mats:
         return torch.zeros(0, ftype.size, ftype.size, dtype=torch.float64)
-    return torch.from_numpy(np.stack(mats))
+    # escnn's matrices can be Fortran-ordered; the core's constraint_matrix needs C-contiguous ones
+    return torch.from_numpy(np.ascontiguousarray(np.stack(mats)))
 
 
 def group_name(ftype: FieldType) -> str:

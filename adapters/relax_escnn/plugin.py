@@ -1,1 +1,74 @@
-"""Entry point escnn of relax-plugins."""
+"""Entry point ``escnn`` of relax-plugins: relaxes escnn's ``R2Conv``, ``R3Conv``,
+``R2ConvTransposed``, ``R3ConvTransposed`` and ``Linear``.
+
+escnn is not imported here: a model cannot hold escnn layers unless escnn was already imported,
+so the hooks check ``sys.modules`` and import the escnn-dependent modules only then.
+
+Adapter options (``relax(model, adapter_options={...})``):
+
+* ``escnn_penalty``: ``"residual"`` (default), ``"defect"`` or ``"both"`` for convolutions
+  (see :class:`relax_escnn.conv.ConvRelaxation`);
+* ``escnn_activation_norm``: ``"kernel"`` (default) or ``"exact"`` for convolutions.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from torch import nn
+
+from relax_plugins import RelaxationTerm, hookimpl
+
+
+def _escnn_loaded() -> bool:
+    return sys.modules.get("escnn") is not None and sys.modules.get("escnn.nn") is not None
+
+
+@hookimpl
+def relax_make_term(module: nn.Module, options: dict[str, Any]) -> RelaxationTerm | None:
+    """A term for escnn convolutions and linear layers, None for anything else."""
+    if not _escnn_loaded():
+        return None
+    import escnn.nn as enn
+    from escnn.nn.modules.conv.rd_convolution import _RdConv
+    from escnn.nn.modules.conv.rd_transposed_convolution import _RdConvTransposed
+
+    init_std = float(options.get("init_std", 0.0) or 0.0)
+    if isinstance(module, (_RdConv, _RdConvTransposed)):
+        from .conv import ConvRelaxation
+
+        # rank is ignored: the relaxation of a convolution is always a full kernel
+        return ConvRelaxation(
+            module,
+            penalty=options.get("escnn_penalty", "residual"),
+            activation_norm=options.get("escnn_activation_norm", "kernel"),
+            init_std=init_std,
+        )
+    if isinstance(module, enn.Linear):
+        from .linear import EscnnLinearRelaxation
+
+        return EscnnLinearRelaxation(module, rank=options.get("rank"), init_std=init_std)
+    return None
+
+
+@hookimpl
+def relax_wrapper_class(module: nn.Module) -> type | None:
+    """escnn layers are wrapped in an ``EquivariantModule`` subclass (``SequentialModule`` checks)."""
+    if not _escnn_loaded():
+        return None
+    from escnn.nn import EquivariantModule
+
+    if not isinstance(module, EquivariantModule):
+        return None
+    from .wrapper import relaxed_equivariant_class
+
+    return relaxed_equivariant_class()
+
+
+@hookimpl
+def relax_adapter_info() -> dict[str, str]:
+    return {
+        "description": "escnn steerable CNNs (finite and continuous groups on R2/R3; GeometricTensor in/out)",
+        "layers": "R2Conv, R3Conv, R2ConvTransposed, R3ConvTransposed, Linear",
+    }
