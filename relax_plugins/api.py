@@ -135,7 +135,7 @@ def relax(
         wanted = include is None or _matches(name, include)
         if wanted:
             try:
-                found = find_term(module, name, options, allowed)
+                found = find_term(module, name, options, allowed, root=model)
             except Exception as exc:
                 raise AdapterError(
                     f"relax() failed on layer {name or '<root>'!r} ({type(module).__name__}): "

@@ -34,7 +34,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec(firstresult=True)
-def relax_make_term(module: nn.Module, name: str, options: dict[str, Any]) -> RelaxationTerm | None:
+def relax_make_term(
+    module: nn.Module, name: str, options: dict[str, Any], root: nn.Module
+) -> RelaxationTerm | None:
     """Build the relaxation term for ``module``, or return None if this adapter does not handle it.
 
     Called for every submodule, outermost first; once an adapter returns a term for a module, its
@@ -47,9 +49,13 @@ def relax_make_term(module: nn.Module, name: str, options: dict[str, Any]) -> Re
     while θ·W = 0. Raise an exception (not return None) if the module is recognised but cannot be
     relaxed: the core then aborts the whole relax() without changing the model.
 
+    Implementations may declare any subset of the arguments.
+
     Args:
         module: a submodule of the user's model.
         name: its qualified name in the model ("" for the root).
+        root: the model being relaxed, for context (``root.get_submodule(parent_name)`` gives the
+            container of ``module``); never modify it here.
         options: relax() keyword options: ``rank`` (None for dense W, or the low-rank width),
             ``init_std`` (std of a random initial W, default 0), plus any adapter-specific ones
             the user passed through ``relax(model, adapter_options={...})``.

@@ -152,13 +152,15 @@ def list_adapters() -> list[AdapterInfo]:
     return out
 
 
-def find_term(module: Any, name: str, options: dict[str, Any], allowed: set[str] | None) -> tuple[str, Any] | None:
+def find_term(
+    module: Any, name: str, options: dict[str, Any], allowed: set[str] | None, root: Any = None
+) -> tuple[str, Any] | None:
     """Ask adapters (pluggy call order) for a term for ``module``; return (adapter name, term)."""
     pm = get_plugin_manager()
     for impl in reversed(pm.hook.relax_make_term.get_hookimpls()):
         if allowed is not None and impl.plugin_name not in allowed:
             continue
-        kwargs = {"module": module, "name": name, "options": options}
+        kwargs = {"module": module, "name": name, "options": options, "root": root}
         term = impl.function(**{k: kwargs[k] for k in impl.argnames})
         if term is not None:
             return impl.plugin_name, term

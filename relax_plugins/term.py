@@ -158,10 +158,15 @@ class LinearRelaxation(RelaxationTerm):
         x = self.to_fibre(self.take_input(args, kwargs))
         wx = self.apply_weight(x)
         y = self.output_tensor(out)
-        self._x = x.detach()
         result = y + theta.to(wx.dtype) * self.from_fibre(wx, y)
-        self._y = result.detach()
+        self.record(x, result)
         return self.replace_output(out, result)
+
+    def record(self, x: Tensor, y: Tensor) -> None:
+        """Keep what penalties and reports need from a forward pass: the fibre input ``x`` (n, d_in)
+        and the relaxed output ``y``, both detached. Call it from an overridden ``forward``."""
+        self._x = x.detach()
+        self._y = y.detach()
 
     def _recorded(self) -> Tensor:
         if self._x is None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -155,7 +155,7 @@ def _harmonics(l: int, v: Tensor) -> Tensor:
     return o3.spherical_harmonics(l, v, normalize=False)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _irrep_generators_f64(l: int) -> Tensor:
     if l == 0:
         return torch.zeros(3, 1, 1, dtype=torch.float64)
