@@ -281,8 +281,8 @@ def projection_report(model: nn.Module) -> dict[str, dict[str, float]]:
         >>> from relax_toy.layers import SO2Linear
         >>> m = rp.relax(torch.nn.Sequential(SO2Linear(1, 1)))
         >>> _ = m(torch.randn(4, 2))
-        >>> sorted(rp.projection_report(m)["0"])[:3]
-        ['lie_defect', 'rel_output_error', 'rel_weight_error']
+        >>> sorted(rp.projection_report(m)["0"])[:4]
+        ['lie_defect', 'merges', 'rel_output_error', 'rel_weight_error']
     """
     return {n: m.term.projection_error(m.theta) for n, m in _require_relaxed(model, "projection_report")}
 

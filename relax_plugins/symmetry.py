@@ -11,8 +11,9 @@ A linear map W between the fibres is an intertwiner iff ``W dρ_in(A) = dρ_out(
 generator and ``W ρ_in(g) = ρ_out(g) W`` for every group generator (for a connected continuous part
 plus the finite generators, this is exactly equivariance under the whole group).
 
-Generators are stored as non-persistent buffers so that they follow ``.to(device, dtype)`` and do
-not enter checkpoints (they are derived from the layer, not learned).
+Generators are stored as non-persistent float64 buffers: they follow the module's device, keep full
+precision whatever its dtype (penalties cast them to the weights' dtype), and do not enter
+checkpoints (they are derived from the layer, not learned).
 """
 
 from __future__ import annotations
@@ -90,12 +91,19 @@ class Symmetry(nn.Module):
             raise ValueError("input and output must have the same number of generators")
         if li.shape[0] + gi.shape[0] == 0:
             raise ValueError("a Symmetry needs at least one generator")
-        dtype = torch.get_default_dtype()
-        # contiguous: generators built from numpy (escnn) can be Fortran-ordered
-        self.register_buffer("lie_in", li.to(dtype).contiguous(), persistent=False)
-        self.register_buffer("lie_out", lo.to(dtype).contiguous(), persistent=False)
-        self.register_buffer("group_in", gi.to(dtype).contiguous(), persistent=False)
-        self.register_buffer("group_out", go.to(dtype).contiguous(), persistent=False)
+        # float64 always (see _apply); contiguous: generators built from numpy can be Fortran-ordered
+        self.register_buffer("lie_in", li.double().contiguous(), persistent=False)
+        self.register_buffer("lie_out", lo.double().contiguous(), persistent=False)
+        self.register_buffer("group_in", gi.double().contiguous(), persistent=False)
+        self.register_buffer("group_out", go.double().contiguous(), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # follow the module's device but stay float64: after model.float().double() the generators
+        # must still be exact, and penalties cast them to the weights' dtype when used
+        probe = fn(torch.zeros((), dtype=torch.float64, device=self.lie_in.device))
+        for name in ("lie_in", "lie_out", "group_in", "group_out"):
+            self._buffers[name] = self._buffers[name].to(device=probe.device)
+        return self
 
     @property
     def num_lie(self) -> int:

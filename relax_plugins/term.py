@@ -223,6 +223,10 @@ class LinearRelaxation(RelaxationTerm):
         """Add the dense intertwiner ``delta`` (d_out, d_in) into ``base``; adapters override."""
         return False
 
+    def can_merge(self) -> bool:
+        """Whether ``merge`` can fold θ·P(W) into the base layer (default: merge_dense is overridden)."""
+        return type(self).merge_dense is not LinearRelaxation.merge_dense
+
     def merge(self, base: nn.Module, theta: Tensor) -> bool:
         with torch.no_grad():
             delta = theta.to(torch.float64) * self.projected().double()
@@ -240,11 +244,14 @@ class LinearRelaxation(RelaxationTerm):
                 "weight_norm": float(W.norm()),
                 "rel_weight_error": float((W - P).norm() / W.norm().clamp_min(1e-30)),
             }
+            out["merges"] = float(self.can_merge())
             if self._x is not None and self._y is not None:
                 x = self._x
                 y_norm = self._y.norm().clamp_min(1e-30)
                 out["relax_ratio"] = float(th * (x @ W.T).norm() / y_norm)
-                out["rel_output_error"] = float(th * (x @ (W - P).T).norm() / y_norm)
+                # what project(merge=True) changes: θ(W − P(W))x, or all of θWx where nothing merges
+                kept = (W - P) if self.can_merge() else W
+                out["rel_output_error"] = float(th * (x @ kept.T).norm() / y_norm)
                 t = self.penalty_terms()
                 out["lie_defect"] = float(t.lie / max(t.samples, 1))
             return out

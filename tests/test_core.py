@@ -435,3 +435,26 @@ def test_relaxed_model_pickles_and_deepcopies(tmp_path):
         assert torch.equal(clone(x), model(x)) and clone[0].c_in == 3
     with pytest.raises(AttributeError):
         model[0].no_such_attribute
+
+
+def test_generators_keep_float64_precision_through_dtype_round_trips():
+    model = rp.relax(so2_model(torch.float64))
+    sym = model[0].term.symmetry
+    exact = sym.lie_in.clone()
+    model.float().double()
+    assert sym.lie_in.dtype == torch.float64 and torch.equal(sym.lie_in, exact)
+    model.float()
+    model(torch.randn(4, 6))
+    assert rp.penalty(model).dtype == torch.float32
+
+
+def test_report_for_a_layer_that_cannot_merge():
+    model = rp.relax(so2_model())
+    randomise_relaxation(model)
+    rp.set_theta(model, 0.5)
+    term = model[0].term
+    term.can_merge = lambda: False
+    model(torch.randn(16, 6, dtype=torch.float64))
+    r = rp.projection_report(model)
+    assert r["0"]["merges"] == 0.0 and r["0"]["rel_output_error"] == pytest.approx(r["0"]["relax_ratio"])
+    assert r["2"]["merges"] == 1.0 and r["2"]["rel_output_error"] < r["2"]["relax_ratio"]

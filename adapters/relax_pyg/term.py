@@ -138,7 +138,7 @@ class PygRelaxation(LinearRelaxation):
         self._blocks_in = _blocks([f for _, _, f in spec.inputs])
         self._blocks_out = _blocks([f for f in spec.outputs if f is not None])
         for l in sorted({b[2] for b in self._blocks_in + self._blocks_out} - {0}):
-            self.register_buffer(f"_gen_l{l}", irrep_generators(l, torch.get_default_dtype()), persistent=False)
+            self.register_buffer(f"_gen_l{l}", irrep_generators(l, torch.float64), persistent=False)
         self.register_buffer("_sign_in", _parity_vector(self._blocks_in), persistent=False)
         self.register_buffer("_sign_out", _parity_vector(self._blocks_out), persistent=False)
         nonscalar = [i for b in self._blocks_in if b[2] > 0 for i in range(b[0], b[0] + b[1] * (2 * b[2] + 1))]

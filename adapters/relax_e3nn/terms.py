@@ -1,0 +1,233 @@
+"""Relaxation terms for e3nn layers (imports e3nn; loaded lazily by the plugin).
+
+* :class:`E3nnLinearRelaxation` — ``o3.Linear``: W on the input fibre ``irreps_in → irreps_out``;
+  P(W) in closed form onto the Linear's own paths; ``project(model, merge=True)`` adds θ·P(W)
+  into ``Linear.weight`` exactly (biases untouched: W has none).
+* :class:`E3nnTensorProductRelaxation` — ``o3.TensorProduct`` and every subclass
+  (``FullyConnectedTensorProduct``, ``ElementwiseTensorProduct``, ``FullTensorProduct``,
+  ``TensorSquare``, ...), with shared or external (per-sample) weights: W acts on the **first**
+  input x1 only, ``irreps_in1 → irreps_out``, so f_θ(x1, x2) = tp(x1, x2) + θ·W·x1. P(W) is the
+  projection onto all O(3) intertwiners ``irreps_in1 → irreps_out``. It is **not merged**:
+  a tensor product is bilinear, and θ·P(W)·x1 does not depend on x2, so the TP's weights can
+  represent it only if x2 carries a constant scalar, which the layer cannot know. With
+  ``merge=True`` the core therefore drops these terms (with a warning), exactly like ``merge=False``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from e3nn import o3
+from torch import Tensor, nn
+
+from relax_plugins import LinearRelaxation, PenaltyTerms
+
+from .irreps import IrrepsAction, irrep_pairs, irreps_symmetry, path_coefficients, project_irreps_dense
+
+__all__ = ["E3nnRelaxation", "E3nnLinearRelaxation", "E3nnTensorProductRelaxation"]
+
+
+def _first_arg_name(module: nn.Module) -> str:
+    params = list(inspect.signature(type(module).forward).parameters)
+    return params[1] if len(params) > 1 else "x"
+
+
+class E3nnRelaxation(LinearRelaxation):
+    """Dense W between two irreps fibres with e3nn's O(3) generators (shared code of the terms).
+
+    Args:
+        irreps_in: irreps of the fibre W reads.
+        irreps_out: irreps of the layer output.
+        arg_name: name of the forward argument W reads, when it is passed by keyword.
+        rank: low-rank W (see :class:`relax_plugins.LinearRelaxation`).
+        init_std: std of a random initial dense W.
+
+    Example:
+        >>> term = E3nnRelaxation("1x0e + 1x1o", "1x1o")
+        >>> term.dense().shape, term.symmetry.num_group
+        (torch.Size([3, 4]), 1)
+    """
+
+    def __init__(
+        self,
+        irreps_in: o3.Irreps | str,
+        irreps_out: o3.Irreps | str,
+        arg_name: str = "x",
+        rank: int | None = None,
+        init_std: float = 0.0,
+    ) -> None:
+        self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+        super().__init__(irreps_symmetry(self.irreps_in, self.irreps_out), rank=rank, init_std=init_std)
+        self.act_in, self.act_out = IrrepsAction(self.irreps_in), IrrepsAction(self.irreps_out)
+        sym = self.symmetry
+        # the three so(3) generators and the inversion, stacked once for the penalty
+        self.register_buffer("gens_in", torch.cat([sym.lie_in, sym.group_in]), persistent=False)
+        self.register_buffer("gens_out", torch.cat([sym.lie_out, sym.group_out]), persistent=False)
+        self.arg_name = arg_name
+        self._batch_shape: tuple[int, ...] = ()
+
+    # -- layout -----------------------------------------------------------------------------------
+    def take_input(self, args: tuple, kwargs: dict) -> Tensor:
+        x = args[0] if args else kwargs[self.arg_name]
+        if x.shape[-1] != self.irreps_in.dim:
+            raise ValueError(f"expected a last axis of {self.irreps_in.dim} ({self.irreps_in}), got {tuple(x.shape)}")
+        self._batch_shape = tuple(x.shape[:-1])
+        return x
+
+    def from_fibre(self, delta: Tensor, out: Tensor) -> Tensor:
+        # W·x has the batch shape of the input it reads; broadcasting against the layer output
+        # covers two-input layers whose output batch shape is the broadcast of both inputs
+        return delta.reshape(self._batch_shape + (self.irreps_out.dim,))
+
+    def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Any:
+        """f(x) + θ·W·x, as :meth:`relax_plugins.LinearRelaxation.forward`, with the product and
+        the sum fused into one ``addmm`` when the output has the input's batch shape."""
+        out = base(*args, **kwargs)
+        x = self.to_fibre(self.take_input(args, kwargs))
+        self._x = x.detach()
+        tw = theta.to(x.dtype) * self.dense()
+        if tuple(out.shape[:-1]) == self._batch_shape:
+            result = torch.addmm(out.reshape(-1, out.shape[-1]), x, tw.T).reshape(out.shape)
+        else:
+            result = out + self.from_fibre(x @ tw.T, out)
+        self._y = result.detach()
+        return result
+
+    # -- penalties --------------------------------------------------------------------------------
+    def penalty_terms(self) -> PenaltyTerms:
+        """Squared Lie defect over the three so(3) generators plus the inversion defect, and ||Wx||²,
+        summed over the recorded samples (the same quantities as
+        :meth:`relax_plugins.LinearRelaxation.penalty_terms`).
+
+        Computed in Gram form: with S = Σ_n x_n x_nᵀ (detached) and C = W dρ_in(g) − dρ_out(g) W,
+        Σ_n ||C x_n||² = ⟨C S, C⟩. The cost is O(n·d² + d³) once per layer instead of several
+        (n, d) × (d, d) products with gradients: on a SEGNN layer with thousands of edges this is
+        what keeps a relaxed training step close to a standard one.
+        """
+        x = self._recorded()
+        S = x.T @ x  # x is detached: S carries no gradient, the penalty trains W only
+        W = self.dense()
+        C = W @ self.gens_in.to(W.dtype) - self.gens_out.to(W.dtype) @ W  # (4, d_out, d_in): 3 Lie + inversion
+        K = torch.cat([C, W[None]])
+        r = ((K @ S) * K).sum(dim=(1, 2))
+        return PenaltyTerms(r[:-1].sum(), r[-1], x.shape[0])
+
+    # -- projection -------------------------------------------------------------------------------
+    def paths(self) -> list[tuple[int, int]]:
+        """(i_in, i_out) irreps entries that P(W) may connect."""
+        return irrep_pairs(self.irreps_in, self.irreps_out)
+
+    def project_dense(self, W: Tensor) -> Tensor:
+        """Closed-form orthogonal projection onto the intertwiners along :meth:`paths`."""
+        return project_irreps_dense(W, self.irreps_in, self.irreps_out, self.paths())
+
+    def extra_repr(self) -> str:
+        return f"{self.irreps_in} -> {self.irreps_out}" + ("" if self.rank is None else f", rank={self.rank}")
+
+
+class E3nnLinearRelaxation(E3nnRelaxation):
+    """Relaxation of an ``o3.Linear``: W: ``irreps_in → irreps_out`` on the fibre.
+
+    P(W) is the orthogonal projection onto the Linear's own span (its instructions; for the default
+    instructions this is the whole O(3) intertwiner space): each path block becomes
+    tr(block)/(2l+1)·I. The Linear's weight → dense map sends ``weight_view[u, v]`` to
+    ``path_weight·weight_view[u, v]·I`` in block (v, u), with mutually orthogonal columns, so this
+    closed form *is* the least-squares solution, and the merge ``weight_view += c.T / path_weight``
+    reproduces θ·P(W) exactly. Biases are not touched (W has no bias).
+
+    Args:
+        linear: the ``o3.Linear`` (only read, never changed here).
+        rank: low-rank W.
+        init_std: std of a random initial dense W.
+
+    Raises:
+        ValueError: the Linear uses the ``f_in``/``f_out`` batched-feature form, which the
+            fibre layout does not cover.
+
+    Example:
+        >>> lin = o3.Linear("2x0e + 1x1o", "1x0e + 1x1o")
+        >>> E3nnLinearRelaxation(lin).paths()
+        [(0, 0), (1, 1)]
+    """
+
+    def __init__(self, linear: nn.Module, rank: int | None = None, init_std: float = 0.0) -> None:
+        if getattr(linear, "internal_weights", False) and linear.weight.dim() > 1:
+            raise ValueError("o3.Linear with f_in/f_out (batched feature channels) is not supported")
+        super().__init__(linear.irreps_in, linear.irreps_out, _first_arg_name(linear), rank=rank, init_std=init_std)
+        self._paths = [
+            (ins.i_in, ins.i_out)
+            for ins in linear.instructions
+            if ins.i_in >= 0 and 0 not in ins.path_shape and self.irreps_in[ins.i_in].dim > 0
+        ]
+
+    def paths(self) -> list[tuple[int, int]]:
+        return list(dict.fromkeys(self._paths))
+
+    def from_fibre(self, delta: Tensor, out: Tensor) -> Tensor:
+        if tuple(out.shape[:-1]) != self._batch_shape:
+            # only an f_in/f_out Linear with external weights gets here (the others are refused)
+            raise ValueError(f"o3.Linear output batch shape {tuple(out.shape[:-1])} differs from its input's "
+                             f"{self._batch_shape}: f_in/f_out Linears are not supported")
+        return super().from_fibre(delta, out)
+
+    def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
+        """Add the intertwiner ``delta`` into ``base.weight``; False for external weights."""
+        if not getattr(base, "internal_weights", False) or base.weight_numel == 0:
+            return False  # per-sample weights come from outside: nothing here can hold θ·P(W)
+        coeffs = path_coefficients(delta.double(), self.irreps_in, self.irreps_out, self.paths())
+        done: set[tuple[int, int]] = set()
+        # offsets walked by hand: e3nn 0.6's weight_views() also steps over bias instructions
+        # (i_in = -1), whose entries live in ``bias``, and runs past the end of ``weight``
+        offset = 0
+        with torch.no_grad():
+            for ins in base.instructions:
+                if ins.i_in < 0:
+                    continue
+                size = ins.path_shape[0] * ins.path_shape[1]
+                view = base.weight.narrow(-1, offset, size).view(ins.path_shape)
+                offset += size
+                key = (ins.i_in, ins.i_out)
+                if key in done or key not in coeffs:
+                    continue  # a repeated instruction: the first one already carries the block
+                done.add(key)
+                view += (coeffs[key].T / ins.path_weight).to(view.dtype)
+        return True
+
+
+class E3nnTensorProductRelaxation(E3nnRelaxation):
+    """Relaxation of an ``o3.TensorProduct`` (any subclass): W acts on the first input x1.
+
+    f_θ(x1, x2[, weight]) = tp(x1, x2[, weight]) + θ·W·x1 with W: ``irreps_in1 → irreps_out``.
+    Works with shared weights and with external per-sample weights (``shared_weights=False``, the
+    weights passed to forward positionally or as ``weight=``): the weights are left to the base
+    layer. x1 may be passed positionally or by keyword. P(W) projects onto all O(3) intertwiners
+    ``irreps_in1 → irreps_out``; it is never merged (see the module docstring), so
+    :meth:`projection_error` reports the whole θ·W·x1 as the output change.
+
+    Args:
+        tp: the tensor product (only read).
+        rank: low-rank W.
+        init_std: std of a random initial dense W.
+
+    Example:
+        >>> tp = o3.FullyConnectedTensorProduct("1x1o", "1x0e + 1x1o", "1x0e + 1x1o")
+        >>> E3nnTensorProductRelaxation(tp).dense().shape
+        torch.Size([4, 3])
+    """
+
+    def __init__(self, tp: nn.Module, rank: int | None = None, init_std: float = 0.0) -> None:
+        super().__init__(tp.irreps_in1, tp.irreps_out, _first_arg_name(tp), rank=rank, init_std=init_std)
+
+    def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
+        return False
+
+    def projection_error(self, theta: Tensor) -> dict[str, Any]:
+        out = super().projection_error(theta)
+        # nothing is merged: projecting removes θ·W·x1 entirely, not just θ·(W − P(W))·x1
+        if "relax_ratio" in out:
+            out["rel_output_error_unmerged"] = out["rel_output_error"]
+            out["rel_output_error"] = out["relax_ratio"]
+        out["mergeable"] = 0.0
+        return out

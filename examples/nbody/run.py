@@ -1,0 +1,577 @@
+"""Standard vs relaxed training of a SEGNN-style e3nn model on charged 5-body N-body data.
+
+One command trains every arm on the same data, from the same initial weights, with the same
+batches and rotations and the same number of optimiser steps, for several seeds::
+
+    python -m examples.nbody.run              # CPU-sized default (3 seeds x 5 arms)
+    python -m examples.nbody.run --quick      # smoke-sized comparison (make demo)
+    python -m examples.nbody.run --preset gpu --device cuda   # the 1000-epoch protocol
+
+Arms (``--arms``):
+
+* ``standard``: the equivariant model, no relaxation;
+* ``relaxed``: the paper's defaults — every tensor product relaxed (W on its first input),
+  triangular θ (per optimiser step, 0 → 1 → exactly 0), λ_LD = λ_N = 0.01;
+* ``no_lie``: as ``relaxed`` without the Lie-derivative penalty;
+* ``constant``: θ = 1 until the last step (then 0);
+* ``linear_decay``: θ = 1 for the first half, then linearly to 0 (the paper's text).
+
+Model selection: every ``--eval-every`` steps the *projected* model (``projected_state_dict``, what
+``project()`` would export) is scored on the validation split; the best one is tested. Reported:
+test MSE mean ± std over seeds, equivariance error of each projected model (random O(3) element and
+translation, float64), median step times and the relaxed/standard step-time ratio, measured both
+during training and in an interleaved micro-benchmark in one process. Writes ``results.json`` and
+``results.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ARMS = ("standard", "relaxed", "no_lie", "constant", "linear_decay")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ≈ 10-15 min on 2 free cores (two arms side by side, one thread each)
+    "cpu": dict(n_train=3000, n_valid=500, n_test=2000, steps=1000, batch=100, lr=3e-3, hidden="16x0e + 8x1o",
+                layers=4, eval_every=100, seeds=3, workers=2),
+    # make demo: ≲ 4 min on 2 cores
+    "quick": dict(n_train=500, n_valid=200, n_test=500, steps=300, batch=50, lr=3e-3, hidden="8x0e + 4x1o",
+                  layers=3, eval_every=50, seeds=1, workers=2, timing_steps=8),
+    # the published protocol: 3000 trajectories, 1000 epochs of batch 100, lr 5e-4 (GPU)
+    "gpu": dict(n_train=3000, n_valid=2000, n_test=2000, steps=30000, batch=100, lr=5e-4, hidden="64x0e + 32x1o",
+                layers=4, eval_every=300, seeds=3, workers=1),
+}
+
+
+@dataclass
+class Config:
+    """Everything one run depends on (written into the JSON)."""
+
+    n_train: int = 3000
+    n_valid: int = 500
+    n_test: int = 2000
+    steps: int = 1000
+    batch: int = 100
+    lr: float = 3e-3
+    weight_decay: float = 1e-12
+    hidden: str = "16x0e + 8x1o"
+    layers: int = 4
+    eval_every: int = 100
+    seeds: int = 3
+    workers: int = 2
+    arms: tuple[str, ...] = ARMS
+    lambda_lie: float = 1e-2
+    lambda_norm: float = 1e-2
+    penalty_form: str = "sqrt"
+    peak_theta: float = 1.0
+    rank: int | None = None
+    merge: bool = True
+    rotate: bool = True
+    device: str = "cpu"
+    threads: int = 1
+    timing_steps: int = 20
+    data_seed: int = 43
+    cache_dir: str | None = None
+    out: str = "results/nbody"
+    preset: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def arm_spec(arm: str, cfg: Config) -> dict[str, Any]:
+    """Relaxation settings of an arm: schedule name (None = not relaxed) and penalty weights.
+
+    Example:
+        >>> arm_spec("no_lie", Config())["lie"]
+        0.0
+    """
+    specs = {
+        "standard": dict(schedule=None, lie=0.0, norm=0.0),
+        "relaxed": dict(schedule="triangular", lie=cfg.lambda_lie, norm=cfg.lambda_norm),
+        "no_lie": dict(schedule="triangular", lie=0.0, norm=cfg.lambda_norm),
+        "constant": dict(schedule="constant", lie=cfg.lambda_lie, norm=cfg.lambda_norm),
+        "linear_decay": dict(schedule="linear_decay", lie=cfg.lambda_lie, norm=cfg.lambda_norm),
+    }
+    if arm not in specs:
+        raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
+    return specs[arm]
+
+
+# ------------------------------------------------------------------------------------------------
+# data, model, metrics
+
+
+def load_splits(cfg: Config, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """Train/valid/test tensors on ``device`` (simulated and cached on first use)."""
+    from .data import load_nbody
+
+    sizes = {"train": cfg.n_train, "valid": cfg.n_valid, "test": cfg.n_test}
+    return {s: {k: v.to(device) for k, v in load_nbody(s, n=n, seed=cfg.data_seed, cache_dir=cfg.cache_dir).items()}
+            for s, n in sizes.items()}
+
+
+def build_model(cfg: Config, seed: int, device: torch.device) -> torch.nn.Module:
+    from .model import SEGNN
+
+    torch.manual_seed(seed)
+    return SEGNN(cfg.hidden, layers=cfg.layers).to(device)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: dict[str, torch.Tensor], batch: int = 250) -> float:
+    """MSE over particles and coordinates."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, split["loc"].shape[0], batch):
+        sl = slice(i, i + batch)
+        pred = model(split["loc"][sl], split["vel"][sl], split["charges"][sl])
+        total += float((pred - split["target_loc"][sl]).square().sum())
+        count += pred.numel()
+    model.train()
+    return total / count
+
+
+@torch.no_grad()
+def e3_equivariance_error(model: torch.nn.Module, split: dict[str, torch.Tensor], n_systems: int = 16,
+                          n_transforms: int = 4, seed: int = 0, parity: bool = True) -> float:
+    """max over random g = (Q ∈ O(3), t) of ||f(Qx + t, Qv, q) − (Q f(x, v, q) + t)|| / ||f(x, v, q)||,
+    computed on a float64 copy of ``model`` (so rounding does not hide a small violation)."""
+    from relax_e3nn import random_o3
+
+    m = copy.deepcopy(model).double().eval()
+    gen = torch.Generator().manual_seed(seed)
+    loc, vel, q = (split[k][:n_systems].double() for k in ("loc", "vel", "charges"))
+    ref = m(loc, vel, q)
+    worst = 0.0
+    for Q in random_o3(n_transforms, parity=parity, generator=gen).to(loc.device):
+        t = torch.randn(3, dtype=torch.float64, generator=gen).to(loc.device)
+        out = m(loc @ Q.T + t, vel @ Q.T, q)
+        worst = max(worst, float((out - (ref @ Q.T + t)).norm() / ref.norm()))
+    return worst
+
+
+def random_rotation(gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A Haar-random rotation (SO(3)) from ``gen``; the paper rotates every training batch."""
+    q = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64)).Q
+    q = q * torch.sign(torch.linalg.det(q))
+    return q.to(dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------------------------
+# one training run
+
+
+def _penalty_parts(model: torch.nn.Module) -> tuple[float, float]:
+    """Σ_layers (mean squared Lie + inversion defect), Σ_layers mean ||W x||² of the last batch."""
+    import relax_plugins as rp
+
+    lie = norm = 0.0
+    with torch.no_grad():
+        for _, layer in rp.relaxed_modules(model):
+            t = layer.penalty_terms()
+            lie += float(t.lie) / max(t.samples, 1)
+            norm += float(t.norm) / max(t.samples, 1)
+    return lie, norm
+
+
+def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[str, Any]:
+    """Train one (arm, seed) and return its metrics (see the module docstring)."""
+    import relax_plugins as rp
+
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    data = load_splits(cfg, device)
+    spec = arm_spec(arm, cfg)
+    model = build_model(cfg, seed, device)
+    plain = build_model(cfg, seed, device)  # receives the projected weights for evaluation
+    relaxed = spec["schedule"] is not None
+    if relaxed:
+        rp.relax(model, adapters=["e3nn"], rank=cfg.rank)
+        sched = rp.schedules.as_schedule(spec["schedule"], total=cfg.steps, peak=cfg.peak_theta)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+    # batches and rotations come from their own generator: identical across arms for a seed
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    n = data["train"]["loc"].shape[0]
+    order, pos = torch.randperm(n, generator=gen), 0
+    history: list[dict[str, float]] = []
+    step_times: list[float] = []
+    best = {"val": math.inf, "step": -1, "state": None}
+    tr = data["train"]
+
+    def checkpoint(step: int, theta: float) -> None:
+        state = rp.projected_state_dict(model, merge=cfg.merge) if relaxed else model.state_dict()
+        plain.load_state_dict(state)
+        val = evaluate(plain, data["valid"])
+        rec = {"step": step, "theta": theta, "val_mse": val}
+        if relaxed:
+            rec["lie_penalty"], rec["norm_penalty"] = _penalty_parts(model)
+            rec["relaxed_equiv_error"] = e3_equivariance_error(model, data["valid"], n_systems=8, n_transforms=2)
+        history.append(rec)
+        if val < best["val"]:
+            best.update(val=val, step=step, state={k: v.detach().clone() for k, v in state.items()})
+
+    for step in range(cfg.steps):
+        theta = sched(step) if relaxed else 0.0
+        if relaxed:
+            rp.set_theta(model, theta)
+        if pos + cfg.batch > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos:pos + cfg.batch].to(device)
+        pos += cfg.batch
+        loc, vel, q, tgt = tr["loc"][idx], tr["vel"][idx], tr["charges"][idx], tr["target_loc"][idx]
+        if cfg.rotate:
+            R = random_rotation(gen, loc.dtype, device)
+            loc, vel, tgt = loc @ R.T, vel @ R.T, tgt @ R.T
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = (model(loc, vel, q) - tgt).square().mean()
+        if relaxed and (spec["lie"] > 0 or spec["norm"] > 0):
+            loss = loss + rp.penalty(model, lie=spec["lie"], norm=spec["norm"], form=cfg.penalty_form)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lr_sched.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t0)
+        if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
+            checkpoint(step + 1, theta)
+        if progress is not None:
+            progress.put(1)
+
+    final_val = history[-1]["val_mse"]
+    plain.load_state_dict(best["state"])
+    exported = plain
+    if relaxed:
+        # the exported model of the last step (θ = 0 there) must be the original architecture
+        final_model = rp.project(model, merge=cfg.merge)
+        assert type(final_model).__name__ == "SEGNN"
+    return {
+        "arm": arm,
+        "seed": seed,
+        "test_mse": evaluate(exported, data["test"]),
+        "best_val_mse": best["val"],
+        "best_step": best["step"],
+        "final_val_mse": final_val,
+        "equivariance_error": e3_equivariance_error(exported, data["test"]),
+        "median_step_s": statistics.median(step_times[min(5, len(step_times) - 1):]),
+        "n_params": sum(p.numel() for p in exported.parameters()),
+        "history": history,
+    }
+
+
+def _worker(cfg: Config, arm: str, seed: int, queue: Any) -> dict[str, Any]:
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+    return train_one(cfg, arm, seed, queue)
+
+
+# ------------------------------------------------------------------------------------------------
+# step-time micro-benchmark
+
+
+def step_time_ratio(cfg: Config, steps: int) -> dict[str, float]:
+    """Median forward+backward+optimiser step of the standard and the relaxed model (penalty
+    included), interleaved step by step in one process on the same batches."""
+    import relax_plugins as rp
+
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    from .data import load_nbody
+
+    tr = {k: v.to(device) for k, v in load_nbody("train", n=min(cfg.n_train, 500), seed=cfg.data_seed,
+                                                  cache_dir=cfg.cache_dir).items()}
+    std = build_model(cfg, 0, device)
+    rel = rp.relax(copy.deepcopy(std), adapters=["e3nn"], rank=cfg.rank)
+    rp.set_theta(rel, 0.5)
+    models = {"standard": std, "relaxed": rel}
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    gen = torch.Generator().manual_seed(0)
+    for i in range(steps + 3):
+        idx = torch.randint(0, tr["loc"].shape[0], (cfg.batch,), generator=gen).to(device)
+        for k, m in models.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = (m(tr["loc"][idx], tr["vel"][idx], tr["charges"][idx]) - tr["target_loc"][idx]).square().mean()
+            if k == "relaxed":
+                loss = loss + rp.penalty(m, lie=cfg.lambda_lie, norm=cfg.lambda_norm, form=cfg.penalty_form)
+            opts[k].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[k].step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 3:  # warm-up steps excluded
+                times[k].append(time.perf_counter() - t0)
+    s, r = statistics.median(times["standard"]), statistics.median(times["relaxed"])
+    return {"standard_s": s, "relaxed_s": r, "ratio": r / s, "steps": steps}
+
+
+def inference_check(cfg: Config) -> dict[str, float]:
+    """After ``project()`` the model is the original class with the original state_dict keys, and
+    its outputs equal those of a fresh model loaded from the exported state_dict (float64)."""
+    import relax_plugins as rp
+
+    from .data import load_nbody
+
+    device = torch.device(cfg.device)
+    d = {k: v[:8].double().to(device) for k, v in load_nbody("valid", n=8, seed=cfg.data_seed,
+                                                             cache_dir=cfg.cache_dir).items()}
+    ref = build_model(cfg, 1, device).double()
+    rel = rp.relax(copy.deepcopy(ref), adapters=["e3nn"], init_std=1e-2)
+    rp.set_theta(rel, 0.0)  # end of the schedule
+    exported = rp.project(rel, merge=False)
+    fresh = build_model(cfg, 2, device).double()
+    fresh.load_state_dict(exported.state_dict())
+    with torch.no_grad():
+        a = ref(d["loc"], d["vel"], d["charges"])
+        b = exported(d["loc"], d["vel"], d["charges"])
+        c = fresh(d["loc"], d["vel"], d["charges"])
+    return {
+        "same_class": float(type(exported) is type(ref)),
+        "same_keys": float(list(exported.state_dict()) == list(ref.state_dict())),
+        "max_abs_diff_vs_original": float((a - b).abs().max()),
+        "max_abs_diff_vs_reloaded": float((b - c).abs().max()),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# reporting
+
+
+def summarise(runs: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Mean/std over seeds of each arm's metrics.
+
+    Example:
+        >>> s = summarise([{"arm": "a", "test_mse": 1.0, "equivariance_error": 0.0, "median_step_s": 1.0,
+        ...                 "best_val_mse": 1.0, "history": []}], ("a",))
+        >>> s["a"]["test_mse_mean"], s["a"]["n"]
+        (1.0, 1)
+    """
+    out = {}
+    for arm in arms:
+        rs = [r for r in runs if r["arm"] == arm]
+        if not rs:
+            continue
+        mse = [r["test_mse"] for r in rs]
+        rec = {
+            "n": len(rs),
+            "test_mse_mean": statistics.fmean(mse),
+            "test_mse_std": statistics.stdev(mse) if len(mse) > 1 else 0.0,
+            "best_val_mse_mean": statistics.fmean(r["best_val_mse"] for r in rs),
+            "equivariance_error_max": max(r["equivariance_error"] for r in rs),
+            "median_step_s": statistics.median(r["median_step_s"] for r in rs),
+        }
+        lies = [h.get("lie_penalty") for r in rs for h in r["history"] if "lie_penalty" in h]
+        if lies:
+            rec["lie_penalty_max"] = max(lies)
+            rec["lie_penalty_final"] = statistics.fmean(r["history"][-1]["lie_penalty"] for r in rs)
+            rec["norm_penalty_max"] = max(h["norm_penalty"] for r in rs for h in r["history"])
+            rec["relaxed_equiv_error_max"] = max(h["relaxed_equiv_error"] for r in rs for h in r["history"])
+        out[arm] = rec
+    return out
+
+
+def format_table(summary: dict[str, dict[str, float]], cfg: Config, timing: dict[str, float] | None) -> str:
+    """A plain-text comparison table (arms × metrics)."""
+    std_step = summary.get("standard", {}).get("median_step_s")
+    head = (f"{'arm':<13} {'θ schedule':<13} {'test MSE (mean ± std)':<24} {'equiv. err':>10} "
+            f"{'max relaxed err':>15} {'Lie pen max/final':>19} {'norm pen max':>12} {'step ms':>8} {'ratio':>6}")
+    lines = [head, "-" * len(head)]
+    for arm, s in summary.items():
+        spec = arm_spec(arm, cfg)
+        sched = spec["schedule"] or "-"
+        lie = f"{s['lie_penalty_max']:.2e}/{s['lie_penalty_final']:.1e}" if "lie_penalty_max" in s else "-"
+        norm = f"{s['norm_penalty_max']:.2e}" if "norm_penalty_max" in s else "-"
+        rerr = f"{s['relaxed_equiv_error_max']:.2e}" if "relaxed_equiv_error_max" in s else "-"
+        ratio = f"{s['median_step_s'] / std_step:.2f}" if std_step else "-"
+        lines.append(
+            f"{arm:<13} {sched:<13} {s['test_mse_mean']:.5f} ± {s['test_mse_std']:.5f} (n={s['n']}) "
+            f"{s['equivariance_error_max']:>10.1e} {rerr:>15} {lie:>19} {norm:>12} "
+            f"{1000 * s['median_step_s']:>8.1f} {ratio:>6}"
+        )
+    if timing:
+        lines.append(f"interleaved step time: standard {1000 * timing['standard_s']:.1f} ms, relaxed "
+                     f"{1000 * timing['relaxed_s']:.1f} ms, ratio {timing['ratio']:.3f} ({timing['steps']} steps)")
+    lines.append(f"λ_LD = {cfg.lambda_lie}, λ_N = {cfg.lambda_norm} (form {cfg.penalty_form!r}); θ per optimiser step, "
+                 f"peak {cfg.peak_theta}, exactly 0 at step {cfg.steps}; projection merge={cfg.merge}")
+    return "\n".join(lines)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The summary of a ``results.json`` as a Markdown table (for docs/e3nn.md).
+
+    Example:
+        >>> r = {"summary": {"standard": {"n": 1, "test_mse_mean": 0.01, "test_mse_std": 0.0,
+        ...      "equivariance_error_max": 1e-16, "median_step_s": 0.05}}, "config": {}}
+        >>> markdown_table(r).splitlines()[2].startswith("| standard")
+        True
+    """
+    cfg = Config(**{k: v for k, v in result["config"].items() if k in Config.__dataclass_fields__ and k != "arms"})
+    summary = result["summary"]
+    std_step = summary.get("standard", {}).get("median_step_s")
+    lines = ["| arm | θ schedule | test MSE (mean ± std) | seeds | equivariance error (projected) | "
+             "max equivariance error while relaxed | Lie penalty max / final | step time | vs standard |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for arm, s in summary.items():
+        lie = (f"{s['lie_penalty_max']:.2e} / {s['lie_penalty_final']:.1e}" if "lie_penalty_max" in s else "–")
+        rerr = f"{s['relaxed_equiv_error_max']:.1e}" if "relaxed_equiv_error_max" in s else "–"
+        ratio = f"{s['median_step_s'] / std_step:.2f}×" if std_step else "–"
+        lines.append(f"| {arm} | {arm_spec(arm, cfg)['schedule'] or '–'} | {s['test_mse_mean']:.5f} ± "
+                     f"{s['test_mse_std']:.5f} | {s['n']} | {s['equivariance_error_max']:.1e} | {rerr} | {lie} | "
+                     f"{1000 * s['median_step_s']:.1f} ms | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], cfg: Config, path: Path) -> Path | None:
+    """Validation MSE of the projected model per arm (mean over seeds) and the θ schedules."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is an optional extra
+        return None
+    import relax_plugins as rp
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, arm in enumerate(cfg.arms):
+        rs = [r for r in runs if r["arm"] == arm]
+        if not rs:
+            continue
+        style = {"color": colours[k % len(colours)], "linestyle": "--" if arm == "no_lie" else "-"}
+        steps = [h["step"] for h in rs[0]["history"]]
+        vals = [statistics.fmean(r["history"][i]["val_mse"] for r in rs) for i in range(len(steps))]
+        ax1.plot(steps, vals, label=arm, **style)
+        sched = arm_spec(arm, cfg)["schedule"]
+        if sched:
+            s = rp.schedules.as_schedule(sched, total=cfg.steps, peak=cfg.peak_theta)
+            ax2.plot(range(cfg.steps), [s(i) for i in range(cfg.steps)], label=arm, **style)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("optimiser step")
+    ax1.set_ylabel("val. MSE, projected model (seed mean)")
+    ax1.legend()
+    ax2.set_xlabel("optimiser step")
+    ax2.set_ylabel("θ")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the small `make demo` configuration")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="cpu (default), quick or gpu")
+    for name, typ in (("n-train", int), ("n-valid", int), ("n-test", int), ("steps", int), ("batch", int),
+                      ("lr", float), ("hidden", str), ("layers", int), ("eval-every", int), ("seeds", int),
+                      ("workers", int), ("lambda-lie", float), ("lambda-norm", float), ("peak-theta", float),
+                      ("rank", int), ("threads", int), ("timing-steps", int), ("data-seed", int), ("cache-dir", str),
+                      ("out", str), ("weight-decay", float)):
+        p.add_argument(f"--{name}", type=typ, default=None)
+    p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--penalty-form", choices=["sqrt", "mean", "paper"], default=None)
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--no-merge", action="store_true",
+                   help="project by dropping W (default: merge θ·P(W) where the layer can hold it)")
+    p.add_argument("--no-rotate", action="store_true", help="do not rotate training batches")
+    a = p.parse_args(argv)
+    preset = "quick" if a.quick else (a.preset or "cpu")
+    values: dict[str, Any] = {**PRESETS[preset], "preset": preset}
+    for k, v in vars(a).items():
+        if v is not None and k in Config.__dataclass_fields__:
+            values[k] = v
+    if a.arms:
+        values["arms"] = tuple(s.strip() for s in a.arms.split(",") if s.strip())
+        for arm in values["arms"]:
+            arm_spec(arm, Config())
+    if a.no_merge:
+        values["merge"] = False
+    if a.no_rotate:
+        values["rotate"] = False
+    return Config(**values)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    cfg = parse_args(argv)
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    load_splits(cfg, torch.device("cpu"))  # simulate + cache once, before the workers start
+    jobs = [(arm, seed) for seed in range(cfg.seeds) for arm in cfg.arms]
+    runs: list[dict[str, Any]] = []
+    total = len(jobs) * cfg.steps
+    with tqdm(total=total, desc=f"nbody {cfg.preset}: {len(cfg.arms)} arms x {cfg.seeds} seeds", unit="step") as bar:
+        if cfg.workers <= 1:
+            class _Bar:
+                def put(self, n: int) -> None:
+                    bar.update(n)
+
+            for arm, seed in jobs:
+                runs.append(train_one(cfg, arm, seed, _Bar()))
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            with ctx.Manager() as manager:
+                queue = manager.Queue()
+                with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
+                    futures = [pool.submit(_worker, cfg, arm, seed, queue) for arm, seed in jobs]
+                    pending = set(futures)
+                    while pending:
+                        while not queue.empty():
+                            bar.update(queue.get())
+                        pending = {f for f in pending if not f.done()}
+                        time.sleep(0.2)
+                    while not queue.empty():
+                        bar.update(queue.get())
+                    runs = [f.result() for f in as_completed(futures)]
+    runs.sort(key=lambda r: (cfg.arms.index(r["arm"]), r["seed"]))
+    timing = step_time_ratio(cfg, cfg.timing_steps) if cfg.timing_steps > 0 and "standard" in cfg.arms else None
+    inference = inference_check(cfg)
+    summary = summarise(runs, cfg.arms)
+    result = {
+        "config": asdict(cfg),
+        "summary": summary,
+        "step_time_interleaved": timing,
+        "inference_after_project": inference,
+        "wall_time_s": time.perf_counter() - t_start,
+        "runs": runs,
+        "torch": torch.__version__,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    png = plot(runs, cfg, out / "results.png")
+    table = format_table(summary, cfg, timing)
+    sys.stdout.write(table + "\n")
+    sys.stdout.write(f"inference after project(): {inference}\n")
+    sys.stdout.write(f"wall time {result['wall_time_s']:.0f} s; wrote {out / 'results.json'}"
+                     + (f" and {png}" if png else "") + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The N-body example: simulator, data loader, SEGNN-style model and the benchmark driver."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("e3nn")
+
+import torch  # noqa: E402
+
+import relax_plugins as rp  # noqa: E402
+from examples.nbody import data as nb  # noqa: E402
+from examples.nbody.model import SEGNN  # noqa: E402
+from examples.nbody.run import e3_equivariance_error, main  # noqa: E402
+
+
+def test_initial_conditions_follow_the_protocol():
+    loc, vel, q = nb.initial_conditions("train", 200)
+    assert loc.shape == vel.shape == (200, 5, 3) and q.shape == (200, 5, 1)
+    assert np.allclose(np.linalg.norm(vel, axis=-1), 0.5)
+    assert set(np.unique(q)) == {-1.0, 1.0}
+    assert abs(loc.mean()) < 0.1 and abs(loc.std() - 1.0) < 0.05
+    # splits are different streams, prefixes are stable
+    assert not np.allclose(nb.initial_conditions("test", 3)[0], loc[:3])
+    assert np.array_equal(nb.initial_conditions("train", 3)[0], loc[:3])
+
+
+def test_simulator_is_e3_equivariant_and_like_charges_repel():
+    loc, vel, q = nb.initial_conditions("valid", 4)
+    rng = np.random.default_rng(0)
+    Q = np.linalg.qr(rng.standard_normal((3, 3)))[0] * -1.0  # an improper orthogonal matrix (likely)
+    t = rng.standard_normal(3)
+    a = nb.simulate(loc, vel, q, frames=(0, 5))
+    b = nb.simulate(loc @ Q.T + t, vel @ Q.T, q, frames=(0, 5))
+    for f in (0, 5):
+        assert np.allclose(b[f][0], a[f][0] @ Q.T + t, atol=1e-8)
+        assert np.allclose(b[f][1], a[f][1] @ Q.T, atol=1e-8)
+    # two like charges at rest on the x axis move apart, unlike ones approach
+    x0 = np.array([[[-0.5, 0, 0], [0.5, 0, 0]]])
+    v0 = np.zeros_like(x0)
+    like = nb.simulate(x0, v0, np.ones((1, 2, 1)), frames=(0,))[0][0]
+    unlike = nb.simulate(x0, v0, np.array([[[1.0], [-1.0]]]), frames=(0,))[0][0]
+    assert like[0, 1, 0] - like[0, 0, 0] > 1.0 > unlike[0, 1, 0] - unlike[0, 0, 0]
+
+
+def test_load_nbody_caches_and_slices(tmp_path):
+    d5 = nb.load_nbody("valid", n=5, cache_dir=tmp_path)
+    assert {k: tuple(v.shape) for k, v in d5.items()} == {
+        "loc": (5, 5, 3), "vel": (5, 5, 3), "charges": (5, 5, 1), "target_loc": (5, 5, 3)}
+    assert all(v.dtype == torch.float32 for v in d5.values())
+    files = list((tmp_path / "nbody").glob("*.npz"))
+    assert len(files) == 1
+    d3 = nb.load_nbody("val", n=3, cache_dir=tmp_path)  # served from the n=5 file
+    assert len(list((tmp_path / "nbody").glob("*.npz"))) == 1
+    assert all(torch.equal(d3[k], d5[k][:3]) for k in d5)
+    with pytest.raises(ValueError):
+        nb.load_nbody("training-set", n=2, cache_dir=tmp_path)
+
+
+def test_sanity_figures_of_benchmarks_md():
+    """benchmarks.md §1: least squares [x, v, 1] → x_T ≈ 0.075, x + v ≈ 0.113, no motion ≈ 0.27
+    (full splits; simulated once in a few seconds, then read from data_cache/)."""
+    tr, te = nb.load_nbody("train"), nb.load_nbody("test")
+
+    def feats(d):
+        return torch.cat([d["loc"], d["vel"], torch.ones_like(d["charges"])], -1).reshape(-1, 7).double()
+
+    A = torch.linalg.lstsq(feats(tr), tr["target_loc"].reshape(-1, 3).double()).solution
+    linear = float((feats(te) @ A - te["target_loc"].reshape(-1, 3).double()).square().mean())
+    ballistic = float((te["loc"] + te["vel"] - te["target_loc"]).square().mean())
+    still = float((te["loc"] - te["target_loc"]).square().mean())
+    assert 0.065 < linear < 0.085
+    assert 0.100 < ballistic < 0.125
+    assert 0.25 < still < 0.29
+
+
+def _model64() -> SEGNN:
+    from relax_e3nn.irreps import _float64_default
+
+    with _float64_default():  # e3nn's Clebsch-Gordan buffers are built in the default dtype
+        return SEGNN("4x0e + 2x1o + 1x1e", layers=2)
+
+
+def test_segnn_is_e3_equivariant_and_relaxed_is_not():
+    torch.manual_seed(0)
+    model = _model64()
+    d = nb.load_nbody("valid", n=8)
+    assert e3_equivariance_error(model, d, n_systems=8) < 1e-12
+    # permuting the particles of a system permutes the predictions
+    perm = torch.tensor([3, 1, 4, 0, 2])
+    args = [d[k][:4].double() for k in ("loc", "vel", "charges")]
+    with torch.no_grad():
+        assert torch.allclose(model(*(a[:, perm] for a in args)), model(*args)[:, perm], atol=1e-12)
+    relaxed = rp.relax(copy.deepcopy(model), adapters=["e3nn"])
+    assert len(list(rp.relaxed_modules(relaxed))) == 1 + 4 * 2 + 2  # every tensor product
+    with torch.no_grad():
+        assert torch.equal(relaxed(*args), model(*args))
+        for _, layer in rp.relaxed_modules(relaxed):
+            layer.term.weight.normal_(0.0, 0.1)
+    rp.set_theta(relaxed, 1.0)
+    assert e3_equivariance_error(relaxed, d, n_systems=8) > 1e-3
+    projected = rp.project(relaxed)
+    assert type(projected) is SEGNN and e3_equivariance_error(projected, d, n_systems=8) < 1e-12
+
+
+def test_benchmark_driver_smoke(tmp_path):
+    out = tmp_path / "run"
+    result = main(["--quick", "--steps", "4", "--eval-every", "2", "--seeds", "1", "--workers", "1",
+                   "--arms", "standard,relaxed,no_lie", "--n-train", "16", "--n-valid", "8", "--n-test", "8",
+                   "--batch", "8", "--hidden", "4x0e + 2x1o", "--layers", "1", "--timing-steps", "1",
+                   "--out", str(out)])
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["summary"]) == {"standard", "relaxed", "no_lie"}
+    for r in saved["runs"]:
+        assert r["equivariance_error"] < 1e-5  # the projected, exported model
+        assert [h["step"] for h in r["history"]] == [2, 4]
+    relaxed = [r for r in saved["runs"] if r["arm"] == "relaxed"][0]
+    assert relaxed["history"][-1]["theta"] == 0.0 and relaxed["history"][0]["theta"] > 0
+    assert saved["runs"][0]["test_mse"] == pytest.approx(result["runs"][0]["test_mse"])
+    assert saved["inference_after_project"]["max_abs_diff_vs_original"] == 0.0
+    assert saved["step_time_interleaved"]["ratio"] > 0
