@@ -434,7 +434,7 @@ def test_relaxed_model_pickles_and_deepcopies(tmp_path):
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert torch.equal(clone(x), model(x)) and clone[0].c_in == 3
     with pytest.raises(AttributeError):
-        model[0].no_such_attribute
+        _ = model[0].no_such_attribute
 
 
 def test_generators_keep_float64_precision_through_dtype_round_trips():

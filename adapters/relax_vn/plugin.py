@@ -1,1 +1,415 @@
-"""Entry point vn of relax-plugins."""
+"""Entry point ``vn`` of relax-plugins: relaxes vector-neuron (VN) layers, recognised structurally.
+
+No VN library exists on PyPI; every project copies the same layer file, so this adapter does not
+look at class names or types. A VN layer is any module that owns a bias-free ``nn.Linear`` (usually
+``map_to_feat`` / ``map_to_dir``, ``vn_lin`` in ``VNStdFeature``) and, somewhere in its class source,
+applies it to the channel axis of a ``[B, C, 3, *S]`` tensor the way all public VN code does::
+
+    self.map_to_feat(x.transpose(1, -1)).transpose(1, -1)     # or torch.transpose(x, 1, -1)
+
+Detection (see :func:`vn_linear_names`): when the hook sees an ``nn.Linear``, it looks up its parent
+(``root.get_submodule(parent_name)``), reads the source of the parent's class (and of its bases and
+mixins, so a helper method counts) and claims the Linear with :class:`VNLinearRelaxation` if some
+method calls ``self.<attr>(<expr>.transpose(1, -1))`` on it and it is bias-free. Nothing is recorded
+and the model is not touched. Only when the parent's source cannot be read (classes built with
+``exec``) a bias-free Linear is claimed by its attribute name, one of :data:`VN_LINEAR_NAMES` (or
+``adapter_options={"vn_names": [...]}``).
+
+Layout assumption (documented, checked at run time): the wrapped ``nn.Linear`` receives
+``x.transpose(1, -1)`` of ``[B, C, 3, *S]``, so channels are on the last axis and xyz is on axis 1
+when ``S`` is empty (``[B, 3, C]``) and on axis 2 otherwise (``[B, S_last, 3, ..., C]``). A layer
+called on anything else raises a ``ValueError`` naming the expected layout.
+
+Fibre: per position, the ``3·C`` numbers ordered **xyz-major** (index ``j·C + c``): for ``[B, C, 3]``
+and ``[B, C, 3, N]`` features these are the last two axes of the Linear's input, so no axis
+permutation is needed (``[B, C, 3, N, k]`` edge features need one). The
+so(3) generators are ``A_k ⊗ I_C`` (generator-major in the penalty), the intertwiners are
+``I_3 ⊗ M`` (the same space as "M ⊗ I_3" in channel-major order) and P(W) is the block trace
+average; merging adds M to the Linear's weight.
+
+Options (``relax(model, adapter_options={...})``):
+    ``vn_group``: "SO(3)" (default, the paper) or "O(3)" (adds the mirror diag(-1, 1, 1) as a discrete
+    generator; VN layers are reflection-equivariant, the intertwiner space is the same);
+    ``vn_names``: extra Linear attribute names accepted by the name fallback;
+    ``vn_penalty_rows``: fibres per layer and step the penalties are estimated on (default 256,
+    None for all; an evenly strided subsample, sums rescaled to all fibres).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from relax_plugins import LinearRelaxation, PenaltyTerms, Symmetry, hookimpl
+
+__all__ = [
+    "VN_LINEAR_NAMES",
+    "DEFAULT_PENALTY_ROWS",
+    "VNLinearRelaxation",
+    "so3_basis",
+    "vn_symmetry",
+    "vn_linear_names",
+    "relax_make_term",
+    "relax_adapter_info",
+]
+
+#: attribute names of VN channel maps in public VN code (used only when the parent has no source)
+VN_LINEAR_NAMES = ("map_to_feat", "map_to_dir", "map_to_src_dir", "vn_lin")
+
+_GROUPS = ("SO(3)", "O(3)")
+
+#: fibres per layer and step that the penalties are estimated on (None: all); see VNLinearRelaxation
+DEFAULT_PENALTY_ROWS = 256
+
+_SOURCE_CACHE: weakref.WeakKeyDictionary[type, frozenset[str] | None] = weakref.WeakKeyDictionary()
+
+_CALL_HEAD = re.compile(r"self\s*\.\s*([A-Za-z_]\w*)\s*\(")
+_ARG_TRANSPOSED = re.compile(
+    r"^(?:[\w.\[\]]+\.transpose\((?:1,-1|-1,1)\)|torch\.transpose\([\w.\[\]]+,(?:1,-1|-1,1)\))$"
+)
+
+
+def so3_basis(dtype: torch.dtype | None = None) -> Tensor:
+    """The so(3) basis L_x, L_y, L_z (rotations about x, y, z), shape (3, 3, 3).
+
+    Example:
+        >>> L = so3_basis(torch.float64)
+        >>> bool(torch.allclose(L[0] @ L[1] - L[1] @ L[0], L[2]))
+        True
+    """
+    L = torch.zeros(3, 3, 3, dtype=dtype or torch.get_default_dtype())
+    for k, (i, j) in enumerate(((1, 2), (2, 0), (0, 1))):
+        L[k, j, i], L[k, i, j] = 1.0, -1.0
+    return L
+
+
+def _mirror(dtype: torch.dtype | None = None) -> Tensor:
+    # inversion -I commutes with every linear map and would add nothing: use a mirror
+    return torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=dtype or torch.get_default_dtype()))[None]
+
+
+def vn_symmetry(c_in: int, c_out: int, group: str = "SO(3)") -> Symmetry:
+    """Generators on the xyz-major VN fibres (index ``j·C + c``): ``A ⊗ I_C``.
+
+    Args:
+        c_in: input channels of the Linear.
+        c_out: output channels.
+        group: "SO(3)" (three Lie generators) or "O(3)" (plus the mirror diag(-1, 1, 1)).
+
+    Example:
+        >>> sym = vn_symmetry(2, 3, "O(3)")
+        >>> tuple(sym.lie_in.shape), tuple(sym.group_out.shape)
+        ((3, 6, 6), (1, 9, 9))
+    """
+    if group not in _GROUPS:
+        raise ValueError(f"vn_group must be one of {_GROUPS}, got {group!r}")
+    L = so3_basis(torch.float64)
+    ki = torch.stack([torch.kron(a, torch.eye(c_in, dtype=torch.float64)) for a in L])
+    ko = torch.stack([torch.kron(a, torch.eye(c_out, dtype=torch.float64)) for a in L])
+    gi = go = None
+    if group == "O(3)":
+        P = _mirror(torch.float64)[0]
+        gi = torch.kron(P, torch.eye(c_in, dtype=torch.float64))[None]
+        go = torch.kron(P, torch.eye(c_out, dtype=torch.float64))[None]
+    return Symmetry(3 * c_in, 3 * c_out, lie_in=ki, lie_out=ko, group_in=gi, group_out=go, name=group)
+
+
+def _call_arguments(source: str) -> list[tuple[str, str]]:
+    """(attribute, argument text without whitespace) for every ``self.<attr>(...)`` call."""
+    out = []
+    for m in _CALL_HEAD.finditer(source):
+        depth, i = 1, m.end()
+        while i < len(source) and depth:
+            depth += {"(": 1, ")": -1}.get(source[i], 0)
+            i += 1
+        out.append((m.group(1), re.sub(r"\s+", "", source[m.end(): i - 1])))
+    return out
+
+
+def vn_linear_names(cls: type) -> frozenset[str] | None:
+    """Attribute names that ``cls`` (or a base class) applies VN-style, ``self.a(x.transpose(1, -1))``.
+
+    Returns None when no source is available (classes built with ``exec``, C extensions).
+
+    Example:
+        >>> from relax_vn.layers import VNLinearLeakyReLU
+        >>> sorted(vn_linear_names(VNLinearLeakyReLU))
+        ['map_to_dir', 'map_to_feat']
+    """
+    if cls in _SOURCE_CACHE:
+        return _SOURCE_CACHE[cls]
+    names: set[str] = set()
+    found_source = False
+    for klass in cls.__mro__:
+        # mixins count (a helper method may apply the map); torch's own classes never do
+        if klass is object or klass.__module__.split(".")[0] == "torch":
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        found_source = True
+        names.update(a for a, arg in _call_arguments(source) if _ARG_TRANSPOSED.match(arg))
+    result = frozenset(names) if found_source else None
+    _SOURCE_CACHE[cls] = result
+    return result
+
+
+def _structural_verdict(module: nn.Linear, name: str, root: nn.Module | None) -> bool | None:
+    """True/False from the parent's source, or None when there is no readable parent source."""
+    if root is None or not name:
+        return None
+    parent_name, _, attr = name.rpartition(".")
+    try:
+        parent = root.get_submodule(parent_name)
+    except AttributeError:
+        return None
+    if parent._modules.get(attr) is not module:
+        return None
+    applied = vn_linear_names(type(parent))
+    if applied is None:
+        return None
+    # a bias on vector features would itself break equivariance: such a Linear is not VN
+    return attr in applied and module.bias is None
+
+
+class VNLinearRelaxation(LinearRelaxation):
+    """Dense W on the xyz-major VN fibre of a channel ``nn.Linear``: f(x) + θ·W·x.
+
+    W is a dense ``(3·C_out) × (3·C_in)`` map, so it mixes xyz components across channels (a map
+    acting on channels only would already be equivariant and leave nothing to relax).
+
+    Speed: with a dense W and θ ≠ 0 the layer runs as one GEMM with ``I_3 ⊗ M + θ·W`` (the base
+    Linear's FLOPs times 3) instead of the base GEMM plus a second one; at θ = 0 it calls the base
+    Linear unchanged. The penalties are estimated on at most ``penalty_rows`` evenly strided fibres
+    of the recorded input (sums rescaled to all fibres, so every penalty form keeps its meaning),
+    either directly or through the Gram matrix G = Σ x xᵀ as Σ_k tr(L_k G L_kᵀ) with
+    L_k = W A_k − A_k W, whichever takes fewer FLOPs: on all B·N fibres the Gram matrix alone would
+    cost more than the layer whenever 3·C_in > C_out.
+
+    Args:
+        c_in: input channels of the Linear.
+        c_out: output channels.
+        group: "SO(3)" or "O(3)".
+        rank: low-rank W (see :class:`relax_plugins.LinearRelaxation`).
+        init_std: std of a random initial dense W.
+        penalty_rows: fibres the penalties are estimated on per step (None: all of them).
+
+    Example:
+        >>> import torch
+        >>> term = VNLinearRelaxation(2, 3)
+        >>> out = term(torch.nn.Linear(2, 3, bias=False), torch.tensor(0.5), torch.randn(4, 7, 3, 2))
+        >>> tuple(out.shape)
+        (4, 7, 3, 3)
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        group: str = "SO(3)",
+        rank: int | None = None,
+        init_std: float = 0.0,
+        penalty_rows: int | None = DEFAULT_PENALTY_ROWS,
+    ) -> None:
+        super().__init__(vn_symmetry(c_in, c_out, group), rank=rank, init_std=init_std)
+        if penalty_rows is not None and int(penalty_rows) < 1:
+            raise ValueError(f"vn_penalty_rows must be None or >= 1, got {penalty_rows}")
+        self.c_in, self.c_out, self.group = int(c_in), int(c_out), group
+        self.penalty_rows = None if penalty_rows is None else int(penalty_rows)
+        self.register_buffer("gens3", so3_basis(), persistent=False)
+        self.register_buffer(
+            "mirror3", _mirror() if group == "O(3)" else torch.zeros(0, 3, 3), persistent=False
+        )
+
+    # -- layout --------------------------------------------------------------------------------
+    @staticmethod
+    def xyz_axis(ndim: int) -> int:
+        """Axis of xyz in the Linear's input ``x.transpose(1, -1)`` of ``[B, C, 3, *S]``."""
+        return 1 if ndim == 3 else 2
+
+    def _check(self, x: Tensor, channels: int) -> int:
+        a = self.xyz_axis(x.dim())
+        if x.dim() < 3 or x.shape[a] != 3 or x.shape[-1] != channels:
+            raise ValueError(
+                f"relax_vn: a VN channel Linear expects x.transpose(1, -1) of [B, C={channels}, 3, *S], i.e. "
+                f"channels last and xyz on axis {a}; got shape {tuple(x.shape)}"
+            )
+        return a
+
+    def to_fibre(self, x: Tensor) -> Tensor:
+        a = self._check(x, self.c_in)
+        return x.movedim(a, -2).reshape(-1, 3 * self.c_in)
+
+    def from_fibre(self, delta: Tensor, out: Tensor) -> Tensor:
+        a = self.xyz_axis(out.dim())
+        shape = out.movedim(a, -2).shape
+        return delta.reshape(shape).movedim(-2, a)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _blocks_eye(self, M: Tensor) -> Tensor:
+        return torch.kron(torch.eye(3, dtype=M.dtype, device=M.device), M)
+
+    def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        x = self.take_input(args, kwargs)
+        xf = self.to_fibre(x)
+        self._x = xf.detach()
+        fused = (
+            self.rank is None
+            and not kwargs
+            and len(args) == 1
+            and isinstance(base, nn.Linear)
+            and base.bias is None
+        )
+        if not bool(theta != 0):
+            # exactly the base layer: relax() and θ = 0 must not change outputs
+            out = base(*args, **kwargs)
+        elif fused:
+            a = self.xyz_axis(x.dim())
+            full = self._blocks_eye(base.weight) + theta.to(base.weight.dtype) * self.weight
+            yf = xf @ full.T
+            shape = list(x.movedim(a, -2).shape)
+            shape[-1] = self.c_out
+            out = yf.reshape(shape).movedim(-2, a)
+        else:
+            out = base(*args, **kwargs)
+            out = out + theta.to(out.dtype) * self.from_fibre(self.apply_weight(xf), out)
+        self._y = out.detach()
+        return out
+
+    # -- penalties -------------------------------------------------------------------------------
+    def _left(self, A: Tensor, W: Tensor) -> Tensor:
+        """(A ⊗ I_Cout) W using the block structure (no dense generator product)."""
+        Wb = W.reshape(3, self.c_out, 3 * self.c_in)
+        return torch.einsum("jl,lod->jod", A.to(W.dtype), Wb).reshape(W.shape)
+
+    def _right(self, W: Tensor, A: Tensor) -> Tensor:
+        """W (A ⊗ I_Cin) for any (rows, 3·C_in) W."""
+        Wb = W.reshape(W.shape[0], 3, self.c_in)
+        return torch.einsum("elc,li->eic", Wb, A.to(W.dtype)).reshape(W.shape)
+
+    def _left_rows(self, A: Tensor, y: Tensor) -> Tensor:
+        """(A ⊗ I_Cout) applied to each row of y, (n, 3·C_out)."""
+        yb = y.reshape(y.shape[0], 3, self.c_out)
+        return torch.einsum("jl,nlo->njo", A.to(y.dtype), yb).reshape(y.shape)
+
+    def _penalty_rows(self) -> Tensor:
+        """The recorded fibres the penalty is computed on: all, or an evenly strided subset of at
+        most ``penalty_rows`` (an estimate of the per-sample mean; the sums are rescaled)."""
+        x = self._recorded()
+        m = self.penalty_rows
+        if m is None or x.shape[0] <= m:
+            return x
+        stride = -(-x.shape[0] // m)  # ceil: rows are (batch, points...) ordered, stride spans them all
+        return x[::stride]
+
+    @staticmethod
+    def _use_gram(n: int, d_in: int, d_out: int, k: int) -> bool:
+        # same value two ways; pick the cheaper: a Gram matrix costs n·d_in² once plus
+        # (k+1)·d_out·d_in², applying W to every generator image costs (k+1)·n·d_in·d_out
+        return n * d_in + (k + 1) * d_out * d_in < (k + 1) * n * d_out
+
+    def penalty_terms(self) -> PenaltyTerms:
+        x_all = self._recorded()
+        x = self._penalty_rows()
+        W = self.dense()
+        gens = (*self.gens3, *self.mirror3)
+        n, d_in, d_out = x.shape[0], W.shape[1], W.shape[0]
+        if self._use_gram(n, d_in, d_out, len(gens)):
+            G = x.T @ x
+            lie = W.new_zeros(())
+            for A in gens:
+                L = self._right(W, A) - self._left(A, W)
+                lie = lie + ((L @ G) * L).sum()
+            norm = ((W @ G) * W).sum()
+        else:
+            wx = x @ W.T
+            lie = W.new_zeros(())
+            for A in gens:
+                wax = self._right(x, A.T) @ W.T  # rows: (A ⊗ I) x = x (A ⊗ I)ᵀ
+                lie = lie + (wax - self._left_rows(A, wx)).square().sum()
+            norm = wx.square().sum()
+        scale = x_all.shape[0] / n
+        # tr(L G Lᵀ) ≥ 0 exactly; rounding can make a ~0 value slightly negative, and the core takes √
+        return PenaltyTerms(lie.clamp_min(0) * scale, norm.clamp_min(0) * scale, x_all.shape[0])
+
+    # -- projection ------------------------------------------------------------------------------
+    def block_trace(self, W: Tensor) -> Tensor:
+        """M = (1/3) Σ_j W_jj: the coefficient of the projection I_3 ⊗ M."""
+        return W.reshape(3, self.c_out, 3, self.c_in).diagonal(dim1=0, dim2=2).mean(-1)
+
+    def project_dense(self, W: Tensor) -> Tensor:
+        """Orthogonal projection onto {I_3 ⊗ M}: exact closed form (same for SO(3) and O(3)).
+
+        Example:
+            >>> import torch
+            >>> term = VNLinearRelaxation(2, 2)
+            >>> P = term.project_dense(torch.randn(6, 6, dtype=torch.float64))
+            >>> bool(torch.allclose(term.project_dense(P), P))
+            True
+        """
+        return self._blocks_eye(self.block_trace(W))
+
+    def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
+        if not isinstance(base, nn.Linear) or tuple(base.weight.shape) != (self.c_out, self.c_in):
+            return False
+        with torch.no_grad():
+            base.weight += self.block_trace(delta).to(base.weight.dtype)
+        return True
+
+    def extra_repr(self) -> str:
+        return f"VN {self.group}: {self.c_in} -> {self.c_out} channels" + (
+            "" if self.rank is None else f", rank={self.rank}"
+        )
+
+
+@hookimpl
+def relax_make_term(
+    module: nn.Module, name: str, options: dict[str, Any], root: nn.Module
+) -> VNLinearRelaxation | None:
+    """Claim the VN channel Linears of any VN layer file (see the module docstring).
+
+    Example:
+        >>> import torch
+        >>> import relax_plugins as rp
+        >>> from relax_vn.layers import VNLinearLeakyReLU
+        >>> m = rp.relax(torch.nn.Sequential(VNLinearLeakyReLU(2, 4)), adapters=["vn"])
+        >>> sorted(n for n, _ in rp.relaxed_modules(m))
+        ['0.map_to_dir', '0.map_to_feat']
+    """
+    if not isinstance(module, nn.Linear):
+        return None
+    verdict = _structural_verdict(module, name, root)
+    if verdict is None:
+        names = (*VN_LINEAR_NAMES, *options.get("vn_names", ()))
+        verdict = module.bias is None and name.rsplit(".", 1)[-1] in names
+    if not verdict:
+        return None
+    return VNLinearRelaxation(
+        module.in_features,
+        module.out_features,
+        group=options.get("vn_group", "SO(3)"),
+        rank=options.get("rank"),
+        init_std=options.get("init_std", 0.0),
+        penalty_rows=options.get("vn_penalty_rows", DEFAULT_PENALTY_ROWS),
+    )
+
+
+@hookimpl
+def relax_adapter_info() -> dict[str, str]:
+    """What ``rp.list_adapters()`` shows for this adapter.
+
+    Example:
+        >>> sorted(relax_adapter_info())
+        ['description', 'layers']
+    """
+    return {
+        "description": "vector neurons (VN-PointNet / VN-DGCNN layer files, recognised structurally), SO(3)/O(3)",
+        "layers": "bias-free nn.Linear applied as self.<map>(x.transpose(1, -1)) in VN modules "
+        "(map_to_feat, map_to_dir, vn_lin); first-party layers in relax_vn.layers",
+    }
