@@ -20,7 +20,7 @@ from .errors import (
     UnknownAdapterError,
 )
 from .plugins import adapter_names, find_term, wrapper_class_for
-from .term import RelaxationTerm
+from .term import LinearRelaxation, RelaxationTerm
 from .wrapper import RelaxedModule, _floating_tensors
 
 __all__ = [
@@ -78,6 +78,7 @@ def relax(
     exclude: Iterable[str] | None = None,
     rank: int | None = None,
     init_std: float = 0.0,
+    penalty_samples: int | None = None,
     adapter_options: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Relax every recognised equivariant layer of ``model`` in place and return ``model``.
@@ -96,6 +97,8 @@ def relax(
         exclude: skip layers whose qualified name matches one of these patterns.
         rank: low-rank W of this rank (None: dense W).
         init_std: std of a random initial dense W (0 keeps outputs unchanged).
+        penalty_samples: compute pointwise layers' penalties on at most this many recorded samples
+            (an evenly strided, rescaled subset: an estimate of the full sums); None uses all.
         adapter_options: extra options passed to every adapter's ``relax_make_term``.
 
     Returns:
@@ -124,6 +127,8 @@ def relax(
         unknown = allowed - set(adapter_names())
         if unknown:
             raise UnknownAdapterError(f"unknown adapter(s) {sorted(unknown)}; loaded adapters: {adapter_names()}")
+    if penalty_samples is not None and int(penalty_samples) < 1:
+        raise ValueError(f"penalty_samples must be >= 1, got {penalty_samples}")
     include, exclude = (None if p is None else list(p) for p in (include, exclude))
     options = {"rank": rank, "init_std": float(init_std), **(adapter_options or {})}
 
@@ -143,6 +148,8 @@ def relax(
                 ) from exc
             if found is not None:
                 adapter, term = found
+                if isinstance(term, LinearRelaxation):
+                    term.penalty_samples = None if penalty_samples is None else int(penalty_samples)
                 placement = _module_placement(module, name)
                 if placement is not None:
                     term = term.to(dtype=placement[0], device=placement[1])

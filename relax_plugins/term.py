@@ -118,6 +118,7 @@ class LinearRelaxation(RelaxationTerm):
             self.lora_b = nn.Parameter(torch.zeros(d_out, rank))
         self._x: Tensor | None = None
         self._y: Tensor | None = None
+        self.penalty_samples: int | None = None  # set by relax(..., penalty_samples=m)
 
     # -- layout: override in adapters ---------------------------------------------------------
     def take_input(self, args: tuple, kwargs: dict) -> Tensor:
@@ -173,21 +174,35 @@ class LinearRelaxation(RelaxationTerm):
             raise RuntimeError("no forward pass recorded yet: run the model on a batch before penalty()")
         return self._x
 
-    def penalty_terms(self) -> PenaltyTerms:
-        x = self._recorded()
-        if x.shape[0] > self.symmetry.dim_in:
-            return self._penalty_from_moments(x)
-        return self._penalty_from_samples(x)
+    def penalty_input(self) -> tuple[Tensor, int]:
+        """The recorded fibre inputs the penalty is computed on, and how many samples they stand for.
 
-    def _penalty_from_samples(self, x: Tensor) -> PenaltyTerms:
+        With ``penalty_samples = m`` (``relax(model, penalty_samples=m)``) and n > m recorded rows,
+        an evenly strided subset of m rows scaled by √(n/m): the penalty's sums over samples are
+        quadratic in x, so they then estimate the sums over all n rows at a fraction of the cost.
+        """
+        x = self._recorded()
+        n, m = x.shape[0], self.penalty_samples
+        if m is None or n <= m:
+            return x, n
+        idx = torch.linspace(0, n - 1, m, device=x.device).round().long()
+        return x[idx] * math.sqrt(n / m), n
+
+    def penalty_terms(self) -> PenaltyTerms:
+        x, n = self.penalty_input()
+        if x.shape[0] > self.symmetry.dim_in:
+            return self._penalty_from_moments(x, n)
+        return self._penalty_from_samples(x, n)
+
+    def _penalty_from_samples(self, x: Tensor, n: int | None = None) -> PenaltyTerms:
         # on the detached input: reusing the forward's W·x would push the penalty's gradient into
         # the layers upstream
         wx = self.apply_weight(x)
         sym = self.symmetry
         lie = lie_defect(self.apply_weight, x, sym, wx).sum() + group_defect(self.apply_weight, x, sym, wx).sum()
-        return PenaltyTerms(lie, wx.square().sum(), x.shape[0])
+        return PenaltyTerms(lie, wx.square().sum(), x.shape[0] if n is None else n)
 
-    def _penalty_from_moments(self, x: Tensor) -> PenaltyTerms:
+    def _penalty_from_moments(self, x: Tensor, n: int | None = None) -> PenaltyTerms:
         """Same sums through the second moment S = Σ x xᵀ: Σ_n ||C x_n||² = tr(C S Cᵀ).
 
         Costs O(d³) per generator instead of O(n·d²): far cheaper when there are more samples
@@ -201,7 +216,7 @@ class LinearRelaxation(RelaxationTerm):
         C = W @ gens_in - gens_out @ W  # (k, d_out, d_in): W ρ_in(A) − ρ_out(A) W
         lie = ((C @ S) * C).sum().clamp_min(0.0)
         norm = ((W @ S) * W).sum().clamp_min(0.0)
-        return PenaltyTerms(lie, norm, x.shape[0])
+        return PenaltyTerms(lie, norm, x.shape[0] if n is None else n)
 
     # -- projection ------------------------------------------------------------------------
     def project_dense(self, W: Tensor) -> Tensor:

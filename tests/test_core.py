@@ -458,3 +458,23 @@ def test_report_for_a_layer_that_cannot_merge():
     r = rp.projection_report(model)
     assert r["0"]["merges"] == 0.0 and r["0"]["rel_output_error"] == pytest.approx(r["0"]["relax_ratio"])
     assert r["2"]["merges"] == 1.0 and r["2"]["rel_output_error"] < r["2"]["relax_ratio"]
+
+
+def test_penalty_samples_subset_estimates_the_full_sums():
+    full = rp.relax(so2_model())
+    randomise_relaxation(full)
+    sub = rp.relax(so2_model(), penalty_samples=200)
+    sub.load_state_dict(full.state_dict())
+    x = torch.randn(2000, 6, dtype=torch.float64)
+    full(x)
+    sub(x)
+    for (_, a), (_, b) in zip(rp.relaxed_modules(full), rp.relaxed_modules(sub)):
+        ta, tb = a.penalty_terms(), b.penalty_terms()
+        assert ta.samples == tb.samples == 2000
+        assert torch.allclose(tb.lie, ta.lie, rtol=0.2) and torch.allclose(tb.norm, ta.norm, rtol=0.2)
+    small = rp.relax(so2_model(), penalty_samples=5000)
+    small.load_state_dict(full.state_dict())
+    small(x)
+    assert torch.equal(small[0].penalty_terms().lie, full[0].penalty_terms().lie)
+    with pytest.raises(ValueError):
+        rp.relax(so2_model(), penalty_samples=0)

@@ -106,13 +106,13 @@ class E3nnRelaxation(LinearRelaxation):
         (n, d) × (d, d) products with gradients: on a SEGNN layer with thousands of edges this is
         what keeps a relaxed training step close to a standard one.
         """
-        x = self._recorded()
+        x, n = self.penalty_input()
         S = x.T @ x  # x is detached: S carries no gradient, the penalty trains W only
         W = self.dense()
         C = W @ self.gens_in.to(W.dtype) - self.gens_out.to(W.dtype) @ W  # (4, d_out, d_in): 3 Lie + inversion
         K = torch.cat([C, W[None]])
         r = ((K @ S) * K).sum(dim=(1, 2))
-        return PenaltyTerms(r[:-1].sum(), r[-1], x.shape[0])
+        return PenaltyTerms(r[:-1].sum(), r[-1], n)
 
     # -- projection -------------------------------------------------------------------------------
     def paths(self) -> list[tuple[int, int]]:

@@ -233,14 +233,13 @@ class PygRelaxation(LinearRelaxation):
         and ||W x||², summed over nodes: the numbers of the core's dense ``lie_defect`` and
         ``group_defect``, computed with the small per-irrep generators (O(d) per node, not the
         O(d²) of dense (k, d, d) matrices) and only the columns of W that see non-scalar inputs."""
-        x = self._recorded()
+        x, n = self.penalty_input()
         wx = self.apply_weight(x)  # on the detached input: the penalty trains W only
-        n = x.shape[0]
         if self._cols_in.numel():
             rot_x = torch.stack([self._lie(x, k, self._blocks_in, compact=True) for k in range(3)])
             defect = self._apply_columns(rot_x, self._cols_in)
         else:
-            defect = wx.new_zeros(3, n, wx.shape[-1])
+            defect = wx.new_zeros(3, x.shape[0], wx.shape[-1])
         defect = defect - torch.stack([self._lie(wx, k, self._blocks_out, compact=False) for k in range(3)])
         lie = defect.square().sum()
         if self.spec.group == "O(3)":
