@@ -123,3 +123,73 @@ def test_benchmark_driver_smoke(tmp_path):
     assert saved["runs"][0]["test_mse"] == pytest.approx(result["runs"][0]["test_mse"])
     assert saved["inference_after_project"]["max_abs_diff_vs_original"] == 0.0
     assert saved["step_time_interleaved"]["ratio"] > 0
+
+
+def test_ablation_arm_specs_build():
+    from examples.nbody.run import ABLATION_ARMS, ARMS, Config, arm_label, arm_spec, parse_args
+
+    cfg = Config()
+    specs = {arm: arm_spec(arm, cfg) for arm in ABLATION_ARMS}
+    assert set(ARMS) < set(ABLATION_ARMS) and len(set(ABLATION_ARMS)) == 10
+    relaxed = specs["relaxed"]
+    assert relaxed == dict(schedule="triangular", lie=cfg.lambda_lie, norm=cfg.lambda_norm, merge=True, rank=None,
+                           dual=None)
+    # each ablation arm differs from `relaxed` in exactly what its name says
+    assert specs["no_norm"] == {**relaxed, "norm": 0.0}
+    assert specs["drop"] == {**relaxed, "merge": False}
+    assert specs["lowrank"] == {**relaxed, "rank": 4}
+    assert specs["dual"] == {**relaxed, "schedule": "learned", "dual": "plain"}
+    assert specs["dual_resilient"] == {**relaxed, "schedule": "learned", "dual": "resilient"}
+    assert specs["standard"]["schedule"] is None
+    assert arm_spec("lowrank", Config(lowrank_rank=2))["rank"] == 2
+    assert all(arm_label(arm, cfg) for arm in ABLATION_ARMS)
+    assert parse_args(["--ablation"]).arms == ABLATION_ARMS
+    assert parse_args([]).arms == ARMS
+    assert parse_args(["--ablation", "--arms", "dual,drop"]).arms == ("dual", "drop")
+    with pytest.raises(ValueError):
+        arm_spec("no_such_arm", cfg)
+
+
+def _tiny_config(**kw):
+    from examples.nbody.run import Config
+
+    return Config(n_train=16, n_valid=8, n_test=8, steps=3, batch=8, hidden="4x0e + 2x1o", layers=1, eval_every=3,
+                  seeds=1, workers=1, timing_steps=0, **kw)
+
+
+_N_LAYERS = 1 + 4 * 1 + 2  # every tensor product of a 1-layer SEGNN
+
+
+def test_dual_and_lowrank_arms_run_end_to_end():
+    from examples.nbody.run import format_table, markdown_duals, markdown_table, summarise, train_one
+
+    cfg = _tiny_config(arms=("dual", "lowrank"))
+    runs = {arm: train_one(cfg, arm, seed=0) for arm in cfg.arms}
+    d = runs["dual"]["dual"]
+    assert len(d["duals"]) == len(d["gammas"]) == _N_LAYERS
+    assert all(v > 0 for v in d["duals"].values())  # γ ≈ 1 > 0 pushed every λ_i up
+    assert runs["dual"]["history"][-1]["duals"] == d["duals"]
+    assert not d["finish_warned"] and "unprojected" not in runs["dual"]
+    for r in runs.values():
+        assert r["equivariance_error"] < 1e-5  # the projected, exported model
+        assert r["n_params_trained"] > r["n_params"]
+        assert [h["step"] for h in r["history"]] == [3]
+    assert runs["lowrank"]["history"][-1]["theta"] == 0.0  # triangular schedule ends at exactly 0
+    # rank-4 W has fewer parameters than the dual arm's dense W (+ one γ per layer)
+    assert runs["lowrank"]["n_params_trained"] < runs["dual"]["n_params_trained"] - _N_LAYERS
+    result = {"summary": summarise(list(runs.values()), cfg.arms), "config": {}}
+    assert result["summary"]["dual"]["duals_mean"] == pytest.approx(d["duals"])
+    assert "duals_mean" not in result["summary"]["lowrank"]
+    json.dumps(result)
+    assert "rank 4" in markdown_table(result) and "dual: λ_i" in markdown_duals(result)
+    assert "final duals" in format_table(result["summary"], cfg, None)
+
+
+def test_dual_resilient_arm_keeps_theta_and_is_scored_unprojected():
+    from examples.nbody.run import train_one
+
+    r = train_one(_tiny_config(arms=("dual_resilient",)), "dual_resilient", seed=0)
+    assert r["dual"]["finish_warned"] and len(r["dual"]["slacks"]) == _N_LAYERS
+    # θ > 0 after finish(): the unprojected model is only approximately equivariant, the projected one exactly
+    assert r["unprojected"]["theta_mean"] > 0 and r["unprojected"]["equivariance_error"] > 1e-6
+    assert r["equivariance_error"] < 1e-5

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -75,15 +75,11 @@ def test_export_is_projected_copy_and_finish_projects():
     assert type(out[0]) is SO2Linear
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, data, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
+def _ddp_worker(rank: int, world: int, store: str, data, out_path: str) -> None:
+    os.environ.update(GLOO_SOCKET_IFNAME="lo")
+    # a file rendezvous: no TCP port that another process on the machine could take first
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     model = make_model()
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -105,8 +101,8 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     data = batches(4, size=16)
     out = str(tmp_path / "ddp.pt")
     ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, data, out)) for r in range(2)]
+    store = str(tmp_path / "rendezvous")
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, store, data, out)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

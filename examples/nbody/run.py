@@ -4,6 +4,7 @@ One command trains every arm on the same data, from the same initial weights, wi
 batches and rotations and the same number of optimiser steps, for several seeds::
 
     python -m examples.nbody.run              # CPU-sized default (3 seeds x 5 arms)
+    python -m examples.nbody.run --ablation   # all 10 arms below (3 seeds; docs/ablation.md)
     python -m examples.nbody.run --quick      # smoke-sized comparison (make demo)
     python -m examples.nbody.run --preset gpu --device cuda   # the 1000-epoch protocol
 
@@ -15,6 +16,19 @@ Arms (``--arms``):
 * ``no_lie``: as ``relaxed`` without the Lie-derivative penalty;
 * ``constant``: θ = 1 until the last step (then 0);
 * ``linear_decay``: θ = 1 for the first half, then linearly to 0 (the paper's text).
+
+Ablation arms (``--ablation`` selects all ten):
+
+* ``no_norm``: as ``relaxed`` with λ_N = 0;
+* ``dual``: θ learned per layer by :class:`relax_plugins.DualAscentTheta` (γ_i from ``--dual-init``,
+  dual step ``--dual-lr``) instead of a schedule; the final duals λ_i are recorded per layer as the
+  symmetry-breaking diagnostic; ``dual.finish()`` sets θ = 0 before projection;
+* ``dual_resilient``: as ``dual`` with a learned slack (``--slack-cost``, ``--slack-lr``); it ends
+  with θ > 0, i.e. an only *approximately* equivariant model, whose test MSE and equivariance error
+  *without* projection are recorded as well (``unprojected``);
+* ``drop``: as ``relaxed`` but projected with ``merge=False`` (for this model, whose relaxed layers
+  are all tensor products that cannot hold θ·P(W), merging already drops: expect ``relaxed`` exactly);
+* ``lowrank``: as ``relaxed`` with a rank-``--lowrank-rank`` W (``relax(model, rank=4)``).
 
 Model selection: every ``--eval-every`` steps the *projected* model (``projected_state_dict``, what
 ``project()`` would export) is scored on the validation split; the best one is tested. Reported:
@@ -34,7 +48,7 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +56,7 @@ from typing import Any
 import torch
 
 ARMS = ("standard", "relaxed", "no_lie", "constant", "linear_decay")
+ABLATION_ARMS = ARMS + ("no_norm", "dual", "dual_resilient", "drop", "lowrank")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ≈ 10-15 min on 2 free cores (two arms side by side, one thread each)
@@ -79,6 +94,11 @@ class Config:
     peak_theta: float = 1.0
     rank: int | None = None
     merge: bool = True
+    lowrank_rank: int = 4
+    dual_init: float = 1.0
+    dual_lr: float = 2e-5
+    slack_cost: float = 1e-2
+    slack_lr: float = 1.0
     rotate: bool = True
     device: str = "cpu"
     threads: int = 1
@@ -91,22 +111,66 @@ class Config:
 
 
 def arm_spec(arm: str, cfg: Config) -> dict[str, Any]:
-    """Relaxation settings of an arm: schedule name (None = not relaxed) and penalty weights.
+    """Relaxation settings of an arm.
+
+    Args:
+        arm: a name from :data:`ABLATION_ARMS`.
+        cfg: the run's configuration (penalty weights, ranks, projection default).
+
+    Returns:
+        ``schedule`` (θ schedule name, ``"learned"`` for the dual arms, None = not relaxed), ``lie``
+        and ``norm`` (penalty weights), ``merge`` (projection), ``rank`` (of W, None = dense) and
+        ``dual`` (None, ``"plain"`` or ``"resilient"``).
+
+    Raises:
+        ValueError: unknown arm.
 
     Example:
         >>> arm_spec("no_lie", Config())["lie"]
         0.0
+        >>> arm_spec("drop", Config())["merge"], arm_spec("lowrank", Config())["rank"]
+        (False, 4)
     """
+    base: dict[str, Any] = dict(schedule="triangular", lie=cfg.lambda_lie, norm=cfg.lambda_norm, merge=cfg.merge,
+                                rank=cfg.rank, dual=None)
     specs = {
-        "standard": dict(schedule=None, lie=0.0, norm=0.0),
-        "relaxed": dict(schedule="triangular", lie=cfg.lambda_lie, norm=cfg.lambda_norm),
-        "no_lie": dict(schedule="triangular", lie=0.0, norm=cfg.lambda_norm),
-        "constant": dict(schedule="constant", lie=cfg.lambda_lie, norm=cfg.lambda_norm),
-        "linear_decay": dict(schedule="linear_decay", lie=cfg.lambda_lie, norm=cfg.lambda_norm),
+        "standard": dict(base, schedule=None, lie=0.0, norm=0.0, rank=None),
+        "relaxed": base,
+        "no_lie": dict(base, lie=0.0),
+        "constant": dict(base, schedule="constant"),
+        "linear_decay": dict(base, schedule="linear_decay"),
+        "no_norm": dict(base, norm=0.0),
+        "dual": dict(base, schedule="learned", dual="plain"),
+        "dual_resilient": dict(base, schedule="learned", dual="resilient"),
+        "drop": dict(base, merge=False),
+        "lowrank": dict(base, rank=cfg.lowrank_rank),
     }
     if arm not in specs:
-        raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
+        raise ValueError(f"unknown arm {arm!r}; choose from {ABLATION_ARMS}")
     return specs[arm]
+
+
+def arm_label(arm: str, cfg: Config) -> str:
+    """Short description of an arm for the tables: θ, and what differs from ``relaxed``.
+
+    Example:
+        >>> arm_label("drop", Config())
+        'triangular, drop'
+    """
+    spec = arm_spec(arm, cfg)
+    if spec["schedule"] is None:
+        return "–"
+    parts = ["learned (dual" + (", resilient)" if spec["dual"] == "resilient" else ")")
+             if spec["dual"] else spec["schedule"]]
+    if spec["lie"] != cfg.lambda_lie:
+        parts.append(f"λ_LD={spec['lie']:g}")
+    if spec["norm"] != cfg.lambda_norm:
+        parts.append(f"λ_N={spec['norm']:g}")
+    if spec["rank"] is not None:
+        parts.append(f"rank {spec['rank']}")
+    if not spec["merge"]:
+        parts.append("drop")
+    return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,7 +251,22 @@ def _penalty_parts(model: torch.nn.Module) -> tuple[float, float]:
 
 
 def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[str, Any]:
-    """Train one (arm, seed) and return its metrics (see the module docstring)."""
+    """Train one (arm, seed) and return its metrics (see the module docstring).
+
+    Args:
+        cfg: the run's configuration.
+        arm: a name from :data:`ABLATION_ARMS`.
+        seed: initial weights; batches and rotations use their own generator seeded from it.
+        progress: anything with ``put(n)`` (a queue), told about every optimiser step.
+
+    Returns:
+        A JSON-serialisable record: test MSE of the best projected checkpoint, its equivariance
+        error, step times, the validation history and, for the dual arms, ``dual`` (final per-layer
+        λ_i, γ_i and slacks) and, for ``dual_resilient``, ``unprojected`` (test MSE and equivariance
+        error of the final model before projection, θ > 0: only approximately equivariant).
+    """
+    import warnings
+
     import relax_plugins as rp
 
     torch.set_num_threads(cfg.threads)
@@ -197,35 +276,48 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
     model = build_model(cfg, seed, device)
     plain = build_model(cfg, seed, device)  # receives the projected weights for evaluation
     relaxed = spec["schedule"] is not None
+    dual: Any = None
     if relaxed:
-        rp.relax(model, adapters=["e3nn"], rank=cfg.rank)
-        sched = rp.schedules.as_schedule(spec["schedule"], total=cfg.steps, peak=cfg.peak_theta)
+        rp.relax(model, adapters=["e3nn"], rank=spec["rank"])
+        if spec["dual"]:
+            # γ_i become parameters: before the optimiser is built
+            dual = rp.DualAscentTheta(model, init=cfg.dual_init, dual_lr=cfg.dual_lr,
+                                      resilient=spec["dual"] == "resilient", slack_cost=cfg.slack_cost,
+                                      slack_lr=cfg.slack_lr)
+        else:
+            sched = rp.schedules.as_schedule(spec["schedule"], total=cfg.steps, peak=cfg.peak_theta)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_trained = sum(p.numel() for p in model.parameters())
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
     # batches and rotations come from their own generator: identical across arms for a seed
     gen = torch.Generator().manual_seed(10_000 + seed)
     n = data["train"]["loc"].shape[0]
     order, pos = torch.randperm(n, generator=gen), 0
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     step_times: list[float] = []
-    best = {"val": math.inf, "step": -1, "state": None}
+    best: dict[str, Any] = {"val": math.inf, "step": -1, "state": None}
     tr = data["train"]
 
     def checkpoint(step: int, theta: float) -> None:
-        state = rp.projected_state_dict(model, merge=cfg.merge) if relaxed else model.state_dict()
+        state = rp.projected_state_dict(model, merge=spec["merge"]) if relaxed else model.state_dict()
         plain.load_state_dict(state)
         val = evaluate(plain, data["valid"])
-        rec = {"step": step, "theta": theta, "val_mse": val}
+        rec: dict[str, Any] = {"step": step, "theta": theta, "val_mse": val}
         if relaxed:
             rec["lie_penalty"], rec["norm_penalty"] = _penalty_parts(model)
             rec["relaxed_equiv_error"] = e3_equivariance_error(model, data["valid"], n_systems=8, n_transforms=2)
+        if dual is not None:
+            rec["gammas"], rec["duals"] = dual.gammas(), dual.duals()
         history.append(rec)
         if val < best["val"]:
             best.update(val=val, step=step, state={k: v.detach().clone() for k, v in state.items()})
 
+    def current_theta() -> float:
+        return statistics.fmean(dual.gammas().values())
+
     for step in range(cfg.steps):
-        theta = sched(step) if relaxed else 0.0
-        if relaxed:
+        if relaxed and dual is None:
+            theta = sched(step)
             rp.set_theta(model, theta)
         if pos + cfg.batch > n:
             order, pos = torch.randperm(n, generator=gen), 0
@@ -241,24 +333,42 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
         loss = (model(loc, vel, q) - tgt).square().mean()
         if relaxed and (spec["lie"] > 0 or spec["norm"] > 0):
             loss = loss + rp.penalty(model, lie=spec["lie"], norm=spec["norm"], form=cfg.penalty_form)
+        if dual is not None:
+            loss = loss + dual.penalty()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if dual is not None:
+            dual.step()
         lr_sched.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t0)
         if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
-            checkpoint(step + 1, theta)
+            checkpoint(step + 1, (current_theta() if dual is not None else theta) if relaxed else 0.0)
         if progress is not None:
             progress.put(1)
 
     final_val = history[-1]["val_mse"]
     plain.load_state_dict(best["state"])
     exported = plain
+    extra: dict[str, Any] = {}
     if relaxed:
-        # the exported model of the last step (θ = 0 there) must be the original architecture
-        final_model = rp.project(model, merge=cfg.merge)
+        if dual is not None:
+            extra["dual"] = {"duals": dual.duals(), "gammas": dual.gammas(), "slacks": dict(dual.slacks)}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                dual.finish()  # θ → fixed buffers: 0 (plain) or the learned γ (resilient)
+            extra["dual"]["finish_warned"] = bool(caught)
+            if spec["dual"] == "resilient":
+                # the resilient model keeps θ > 0: score it as it is, before any projection
+                extra["unprojected"] = {"test_mse": evaluate(model, data["test"]),
+                                        "equivariance_error": e3_equivariance_error(model, data["test"]),
+                                        "theta_mean": statistics.fmean(rp.get_theta(model).values())}
+        # the exported model of the last step must be the original architecture
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*cannot hold.*")
+            final_model = rp.project(model, merge=spec["merge"])
         assert type(final_model).__name__ == "SEGNN"
     return {
         "arm": arm,
@@ -270,7 +380,9 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
         "equivariance_error": e3_equivariance_error(exported, data["test"]),
         "median_step_s": statistics.median(step_times[min(5, len(step_times) - 1):]),
         "n_params": sum(p.numel() for p in exported.parameters()),
+        "n_params_trained": n_trained,
         "history": history,
+        **extra,
     }
 
 
@@ -353,7 +465,12 @@ def inference_check(cfg: Config) -> dict[str, float]:
 # reporting
 
 
-def summarise(runs: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[str, dict[str, float]]:
+def _mean_dicts(ds: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean of dicts with the same keys."""
+    return {k: statistics.fmean(d[k] for d in ds) for k in ds[0]}
+
+
+def summarise(runs: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """Mean/std over seeds of each arm's metrics.
 
     Example:
@@ -368,52 +485,79 @@ def summarise(runs: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[str, di
         if not rs:
             continue
         mse = [r["test_mse"] for r in rs]
-        rec = {
+        rec: dict[str, Any] = {
             "n": len(rs),
             "test_mse_mean": statistics.fmean(mse),
             "test_mse_std": statistics.stdev(mse) if len(mse) > 1 else 0.0,
             "best_val_mse_mean": statistics.fmean(r["best_val_mse"] for r in rs),
+            "best_steps": [r.get("best_step") for r in rs],
             "equivariance_error_max": max(r["equivariance_error"] for r in rs),
             "median_step_s": statistics.median(r["median_step_s"] for r in rs),
         }
+        if rs[0].get("n_params_trained") is not None:
+            rec["n_params_trained"] = rs[0]["n_params_trained"]
         lies = [h.get("lie_penalty") for r in rs for h in r["history"] if "lie_penalty" in h]
         if lies:
             rec["lie_penalty_max"] = max(lies)
             rec["lie_penalty_final"] = statistics.fmean(r["history"][-1]["lie_penalty"] for r in rs)
             rec["norm_penalty_max"] = max(h["norm_penalty"] for r in rs for h in r["history"])
             rec["relaxed_equiv_error_max"] = max(h["relaxed_equiv_error"] for r in rs for h in r["history"])
+        if all("dual" in r for r in rs):
+            rec["duals_mean"] = _mean_dicts([r["dual"]["duals"] for r in rs])
+            rec["gammas_final_mean"] = _mean_dicts([r["dual"]["gammas"] for r in rs])
+            rec["slacks_mean"] = _mean_dicts([r["dual"]["slacks"] for r in rs])
+        if all("unprojected" in r for r in rs):
+            u = [r["unprojected"]["test_mse"] for r in rs]
+            rec["unprojected_test_mse_mean"] = statistics.fmean(u)
+            rec["unprojected_test_mse_std"] = statistics.stdev(u) if len(u) > 1 else 0.0
+            rec["unprojected_equivariance_error_max"] = max(r["unprojected"]["equivariance_error"] for r in rs)
+            rec["unprojected_theta_mean"] = statistics.fmean(r["unprojected"]["theta_mean"] for r in rs)
         out[arm] = rec
     return out
 
 
-def format_table(summary: dict[str, dict[str, float]], cfg: Config, timing: dict[str, float] | None) -> str:
+def format_table(summary: dict[str, dict[str, Any]], cfg: Config, timing: dict[str, float] | None) -> str:
     """A plain-text comparison table (arms × metrics)."""
     std_step = summary.get("standard", {}).get("median_step_s")
-    head = (f"{'arm':<13} {'θ schedule':<13} {'test MSE (mean ± std)':<24} {'equiv. err':>10} "
+    head = (f"{'arm':<15} {'θ / variant':<30} {'test MSE (mean ± std)':<24} {'equiv. err':>10} "
             f"{'max relaxed err':>15} {'Lie pen max/final':>19} {'norm pen max':>12} {'step ms':>8} {'ratio':>6}")
     lines = [head, "-" * len(head)]
     for arm, s in summary.items():
-        spec = arm_spec(arm, cfg)
-        sched = spec["schedule"] or "-"
         lie = f"{s['lie_penalty_max']:.2e}/{s['lie_penalty_final']:.1e}" if "lie_penalty_max" in s else "-"
         norm = f"{s['norm_penalty_max']:.2e}" if "norm_penalty_max" in s else "-"
         rerr = f"{s['relaxed_equiv_error_max']:.2e}" if "relaxed_equiv_error_max" in s else "-"
         ratio = f"{s['median_step_s'] / std_step:.2f}" if std_step else "-"
         lines.append(
-            f"{arm:<13} {sched:<13} {s['test_mse_mean']:.5f} ± {s['test_mse_std']:.5f} (n={s['n']}) "
+            f"{arm:<15} {arm_label(arm, cfg):<30} {s['test_mse_mean']:.5f} ± {s['test_mse_std']:.5f} (n={s['n']}) "
             f"{s['equivariance_error_max']:>10.1e} {rerr:>15} {lie:>19} {norm:>12} "
             f"{1000 * s['median_step_s']:>8.1f} {ratio:>6}"
         )
+    for arm, s in summary.items():
+        if "unprojected_test_mse_mean" in s:
+            lines.append(f"{arm} WITHOUT projection (θ mean {s['unprojected_theta_mean']:.3g} > 0, only approximately "
+                         f"equivariant): test MSE {s['unprojected_test_mse_mean']:.5f} ± "
+                         f"{s['unprojected_test_mse_std']:.5f}, equivariance error "
+                         f"{s['unprojected_equivariance_error_max']:.1e}")
+        if "duals_mean" in s:
+            d = s["duals_mean"]
+            top = sorted(d, key=d.get, reverse=True)[:3]
+            lines.append(f"{arm} final duals λ_i (seed mean): min {min(d.values()):.2e}, max {max(d.values()):.2e}; "
+                         f"largest: " + ", ".join(f"{k} {d[k]:.2e}" for k in top))
     if timing:
         lines.append(f"interleaved step time: standard {1000 * timing['standard_s']:.1f} ms, relaxed "
                      f"{1000 * timing['relaxed_s']:.1f} ms, ratio {timing['ratio']:.3f} ({timing['steps']} steps)")
     lines.append(f"λ_LD = {cfg.lambda_lie}, λ_N = {cfg.lambda_norm} (form {cfg.penalty_form!r}); θ per optimiser step, "
-                 f"peak {cfg.peak_theta}, exactly 0 at step {cfg.steps}; projection merge={cfg.merge}")
+                 f"peak {cfg.peak_theta}, exactly 0 at step {cfg.steps}; projection merge={cfg.merge}; dual: "
+                 f"init {cfg.dual_init}, dual_lr {cfg.dual_lr}, slack cost {cfg.slack_cost}, slack lr {cfg.slack_lr}")
     return "\n".join(lines)
 
 
+def _config_of(result: dict[str, Any]) -> Config:
+    return Config(**{k: v for k, v in result["config"].items() if k in Config.__dataclass_fields__ and k != "arms"})
+
+
 def markdown_table(result: dict[str, Any]) -> str:
-    """The summary of a ``results.json`` as a Markdown table (for docs/e3nn.md).
+    """The summary of a ``results.json`` as a Markdown table (for docs/e3nn.md, docs/ablation.md).
 
     Example:
         >>> r = {"summary": {"standard": {"n": 1, "test_mse_mean": 0.01, "test_mse_std": 0.0,
@@ -421,24 +565,47 @@ def markdown_table(result: dict[str, Any]) -> str:
         >>> markdown_table(r).splitlines()[2].startswith("| standard")
         True
     """
-    cfg = Config(**{k: v for k, v in result["config"].items() if k in Config.__dataclass_fields__ and k != "arms"})
+    cfg = _config_of(result)
     summary = result["summary"]
     std_step = summary.get("standard", {}).get("median_step_s")
-    lines = ["| arm | θ schedule | test MSE (mean ± std) | seeds | equivariance error (projected) | "
+    lines = ["| arm | θ / variant | test MSE (mean ± std) | seeds | equivariance error (projected) | "
              "max equivariance error while relaxed | Lie penalty max / final | step time | vs standard |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm, s in summary.items():
         lie = (f"{s['lie_penalty_max']:.2e} / {s['lie_penalty_final']:.1e}" if "lie_penalty_max" in s else "–")
         rerr = f"{s['relaxed_equiv_error_max']:.1e}" if "relaxed_equiv_error_max" in s else "–"
         ratio = f"{s['median_step_s'] / std_step:.2f}×" if std_step else "–"
-        lines.append(f"| {arm} | {arm_spec(arm, cfg)['schedule'] or '–'} | {s['test_mse_mean']:.5f} ± "
+        lines.append(f"| {arm} | {arm_label(arm, cfg)} | {s['test_mse_mean']:.5f} ± "
                      f"{s['test_mse_std']:.5f} | {s['n']} | {s['equivariance_error_max']:.1e} | {rerr} | {lie} | "
                      f"{1000 * s['median_step_s']:.1f} ms | {ratio} |")
     return "\n".join(lines)
 
 
+def markdown_duals(result: dict[str, Any]) -> str:
+    """Per-layer final duals λ_i and γ_i (seed means) of the dual arms as a Markdown table.
+
+    Example:
+        >>> markdown_duals({"summary": {"standard": {}}})
+        ''
+    """
+    arms = [a for a, s in result["summary"].items() if "duals_mean" in s]
+    if not arms:
+        return ""
+    layers = list(result["summary"][arms[0]]["duals_mean"])
+    head = "| layer | " + " | ".join(f"{a}: λ_i | {a}: γ_i (before finish)" for a in arms) + " |"
+    lines = [head, "|" + " --- |" * (1 + 2 * len(arms))]
+    for layer in layers:
+        cells = []
+        for a in arms:
+            s = result["summary"][a]
+            cells += [f"{s['duals_mean'][layer]:.2e}", f"{s['gammas_final_mean'][layer]:.3f}"]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(runs: list[dict[str, Any]], cfg: Config, path: Path) -> Path | None:
-    """Validation MSE of the projected model per arm (mean over seeds) and the θ schedules."""
+    """Validation MSE of the projected model per arm (seed mean), θ per arm (schedules; mean learned
+    γ for the dual arms) and the final per-layer duals λ_i of the dual arms."""
     try:
         import matplotlib
 
@@ -448,29 +615,50 @@ def plot(runs: list[dict[str, Any]], cfg: Config, path: Path) -> Path | None:
         return None
     import relax_plugins as rp
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    duals = [a for a in cfg.arms if any(r["arm"] == a and "dual" in r for r in runs)]
+    ncol = 3 if duals else 2
+    fig, axes = plt.subplots(1, ncol, figsize=(5.2 * ncol, 4.2))
+    ax1, ax2 = axes[0], axes[1]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, arm in enumerate(cfg.arms):
         rs = [r for r in runs if r["arm"] == arm]
         if not rs:
             continue
-        style = {"color": colours[k % len(colours)], "linestyle": "--" if arm == "no_lie" else "-"}
+        spec = arm_spec(arm, cfg)
+        dashed = arm in ("no_lie", "no_norm", "drop")
+        style = {"color": colours[k % len(colours)],
+                 "linestyle": ":" if spec["dual"] else ("--" if dashed else "-")}
         steps = [h["step"] for h in rs[0]["history"]]
         vals = [statistics.fmean(r["history"][i]["val_mse"] for r in rs) for i in range(len(steps))]
         ax1.plot(steps, vals, label=arm, **style)
-        sched = arm_spec(arm, cfg)["schedule"]
-        if sched:
-            s = rp.schedules.as_schedule(sched, total=cfg.steps, peak=cfg.peak_theta)
+        if spec["dual"]:
+            thetas = [statistics.fmean(r["history"][i]["theta"] for r in rs) for i in range(len(steps))]
+            ax2.plot([0, *steps], [cfg.dual_init, *thetas], label=f"{arm} (mean γ)", marker=".", **style)
+        elif spec["schedule"] and arm not in ("drop", "lowrank", "no_norm", "no_lie"):
+            s = rp.schedules.as_schedule(spec["schedule"], total=cfg.steps, peak=cfg.peak_theta)
             ax2.plot(range(cfg.steps), [s(i) for i in range(cfg.steps)], label=arm, **style)
     ax1.set_yscale("log")
     ax1.set_xlabel("optimiser step")
     ax1.set_ylabel("val. MSE, projected model (seed mean)")
-    ax1.legend()
+    ax1.legend(fontsize=7)
     ax2.set_xlabel("optimiser step")
     ax2.set_ylabel("θ")
-    ax2.legend()
+    ax2.legend(fontsize=7)
+    if duals:
+        ax3 = axes[2]
+        width = 0.8 / len(duals)
+        for j, arm in enumerate(duals):
+            rs = [r for r in runs if r["arm"] == arm and "dual" in r]
+            mean = _mean_dicts([r["dual"]["duals"] for r in rs])
+            xs = [i + j * width for i in range(len(mean))]
+            ax3.bar(xs, list(mean.values()), width=width, label=arm,
+                    color=colours[cfg.arms.index(arm) % len(colours)])
+        ax3.set_xticks([i + 0.4 - width / 2 for i in range(len(mean))])
+        ax3.set_xticklabels([n.removesuffix(".tp") for n in mean], rotation=90, fontsize=6)
+        ax3.set_ylabel("final dual λ_i (seed mean)")
+        ax3.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -480,6 +668,12 @@ def plot(runs: list[dict[str, Any]], cfg: Config, path: Path) -> Path | None:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
+    """The configuration from the command line (a preset, then explicit options).
+
+    Example:
+        >>> parse_args(["--ablation", "--seeds", "2"]).arms == ABLATION_ARMS
+        True
+    """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the small `make demo` configuration")
@@ -488,9 +682,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
                       ("lr", float), ("hidden", str), ("layers", int), ("eval-every", int), ("seeds", int),
                       ("workers", int), ("lambda-lie", float), ("lambda-norm", float), ("peak-theta", float),
                       ("rank", int), ("threads", int), ("timing-steps", int), ("data-seed", int), ("cache-dir", str),
-                      ("out", str), ("weight-decay", float)):
+                      ("out", str), ("weight-decay", float), ("lowrank-rank", int), ("dual-init", float),
+                      ("dual-lr", float), ("slack-cost", float), ("slack-lr", float)):
         p.add_argument(f"--{name}", type=typ, default=None)
-    p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ABLATION_ARMS)}")
+    p.add_argument("--ablation", action="store_true",
+                   help=f"all arms ({','.join(ABLATION_ARMS)}); --arms still overrides")
+    p.add_argument("--report-only", action="store_true",
+                   help="no training: rebuild results.json/png from the per-run files in OUT/runs/")
     p.add_argument("--penalty-form", choices=["sqrt", "mean", "paper"], default=None)
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--no-merge", action="store_true",
@@ -499,6 +698,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     a = p.parse_args(argv)
     preset = "quick" if a.quick else (a.preset or "cpu")
     values: dict[str, Any] = {**PRESETS[preset], "preset": preset}
+    if a.ablation:
+        values["arms"] = ABLATION_ARMS
+    if a.report_only:
+        values["extra"] = {"report_only": True}
     for k, v in vars(a).items():
         if v is not None and k in Config.__dataclass_fields__:
             values[k] = v
@@ -513,45 +716,67 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return Config(**values)
 
 
+def _run_path(out: Path, arm: str, seed: int) -> Path:
+    return out / "runs" / f"{arm}_seed{seed}.json"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train every (arm, seed), then write ``results.json``, ``results.png`` and print the table.
+
+    Every finished run is also written to ``OUT/runs/<arm>_seed<seed>.json`` at once, so an
+    interrupted run can still be reported with ``--report-only``.
+    """
     from tqdm import tqdm
 
     cfg = parse_args(argv)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    load_splits(cfg, torch.device("cpu"))  # simulate + cache once, before the workers start
     jobs = [(arm, seed) for seed in range(cfg.seeds) for arm in cfg.arms]
     runs: list[dict[str, Any]] = []
-    total = len(jobs) * cfg.steps
-    with tqdm(total=total, desc=f"nbody {cfg.preset}: {len(cfg.arms)} arms x {cfg.seeds} seeds", unit="step") as bar:
-        if cfg.workers <= 1:
-            class _Bar:
-                def put(self, n: int) -> None:
-                    bar.update(n)
 
-            for arm, seed in jobs:
-                runs.append(train_one(cfg, arm, seed, _Bar()))
-        else:
-            import multiprocessing as mp
+    def keep(r: dict[str, Any]) -> None:
+        runs.append(r)
+        _run_path(out, r["arm"], r["seed"]).write_text(json.dumps(r, indent=1))
 
-            ctx = mp.get_context("spawn")
-            with ctx.Manager() as manager:
-                queue = manager.Queue()
-                with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
-                    futures = [pool.submit(_worker, cfg, arm, seed, queue) for arm, seed in jobs]
-                    pending = set(futures)
-                    while pending:
+    if cfg.extra.get("report_only"):
+        runs = [json.loads(_run_path(out, a, s).read_text()) for a, s in jobs if _run_path(out, a, s).exists()]
+        missing = [f"{a}/{s}" for a, s in jobs if not _run_path(out, a, s).exists()]
+        if missing:
+            sys.stdout.write(f"report only: missing runs {missing}\n")
+        timing = None
+    else:
+        load_splits(cfg, torch.device("cpu"))  # simulate + cache once, before the workers start
+        total = len(jobs) * cfg.steps
+        desc = f"nbody {cfg.preset}: {len(cfg.arms)} arms x {cfg.seeds} seeds"
+        with tqdm(total=total, desc=desc, unit="step") as bar:
+            if cfg.workers <= 1:
+                class _Bar:
+                    def put(self, n: int) -> None:
+                        bar.update(n)
+
+                for arm, seed in jobs:
+                    keep(train_one(cfg, arm, seed, _Bar()))
+            else:
+                import multiprocessing as mp
+
+                ctx = mp.get_context("spawn")
+                with ctx.Manager() as manager:
+                    queue = manager.Queue()
+                    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
+                        pending = {pool.submit(_worker, cfg, arm, seed, queue) for arm, seed in jobs}
+                        while pending:
+                            while not queue.empty():
+                                bar.update(queue.get())
+                            for f in [f for f in pending if f.done()]:
+                                pending.discard(f)
+                                keep(f.result())
+                            time.sleep(0.2)
                         while not queue.empty():
                             bar.update(queue.get())
-                        pending = {f for f in pending if not f.done()}
-                        time.sleep(0.2)
-                    while not queue.empty():
-                        bar.update(queue.get())
-                    runs = [f.result() for f in as_completed(futures)]
+        timing = step_time_ratio(cfg, cfg.timing_steps) if cfg.timing_steps > 0 and "standard" in cfg.arms else None
     runs.sort(key=lambda r: (cfg.arms.index(r["arm"]), r["seed"]))
-    timing = step_time_ratio(cfg, cfg.timing_steps) if cfg.timing_steps > 0 and "standard" in cfg.arms else None
     inference = inference_check(cfg)
     summary = summarise(runs, cfg.arms)
     result = {
