@@ -20,7 +20,7 @@ from .errors import (
     UnknownAdapterError,
 )
 from .plugins import adapter_names, find_term, wrapper_class_for
-from .term import LinearRelaxation, RelaxationTerm
+from .term import LinearRelaxation, PenaltyTerms, RelaxationTerm, moment_penalties
 from .wrapper import RelaxedModule, _floating_tensors
 
 __all__ = [
@@ -269,14 +269,28 @@ def penalty(
     layers = _require_relaxed(model, "penalty")
     lie_total: Tensor | float = 0.0
     norm_total: Tensor | float = 0.0
-    for _, layer in layers:
-        t = layer.penalty_terms()
+    for t in _all_penalty_terms([layer.term for _, layer in layers]):
         scale = 1.0 if form == "paper" else 1.0 / max(t.samples, 1)
         lie_total = lie_total + t.lie * scale
         norm_total = norm_total + t.norm * scale
     if form == "mean":
         return lie * lie_total + norm * norm_total
     return lie * torch.sqrt(lie_total + eps) + norm * torch.sqrt(norm_total + eps)
+
+
+def _all_penalty_terms(terms: list[RelaxationTerm]) -> list[PenaltyTerms]:
+    """Every layer's PenaltyTerms; layers of equal shapes on the default path are batched."""
+    groups: dict[tuple, list[LinearRelaxation]] = {}
+    out: list[PenaltyTerms] = []
+    for term in terms:
+        key = term.batchable_penalty() if isinstance(term, LinearRelaxation) else None
+        if key is None:
+            out.append(term.penalty_terms())
+        else:
+            groups.setdefault(key, []).append(term)
+    for group in groups.values():
+        out.extend(moment_penalties(group, [t.penalty_input() for t in group]))
+    return out
 
 
 def projection_report(model: nn.Module) -> dict[str, dict[str, float]]:

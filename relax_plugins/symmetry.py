@@ -97,6 +97,19 @@ class Symmetry(nn.Module):
         self.register_buffer("group_in", gi.double().contiguous(), persistent=False)
         self.register_buffer("group_out", go.double().contiguous(), persistent=False)
 
+    def stacked(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """All generators (Lie, then finite) stacked, (k + m, d, d) on input and output, in ``dtype``;
+        cached, since penalties ask for them every step."""
+        key = (dtype, self.lie_in.device)
+        cache = self.__dict__.setdefault("_stacked", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = (
+                torch.cat([self.lie_in, self.group_in]).to(dtype),
+                torch.cat([self.lie_out, self.group_out]).to(dtype),
+            )
+        return cache[key]
+
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # follow the module's device but stay float64: after model.float().double() the generators
         # must still be exact, and penalties cast them to the weights' dtype when used

@@ -22,7 +22,7 @@ import torch
 from e3nn import o3
 from torch import Tensor, nn
 
-from relax_plugins import LinearRelaxation, PenaltyTerms
+from relax_plugins import LinearRelaxation
 
 from .irreps import IrrepsAction, irrep_pairs, irreps_symmetry, path_coefficients, project_irreps_dense
 
@@ -61,10 +61,6 @@ class E3nnRelaxation(LinearRelaxation):
         self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
         super().__init__(irreps_symmetry(self.irreps_in, self.irreps_out), rank=rank, init_std=init_std)
         self.act_in, self.act_out = IrrepsAction(self.irreps_in), IrrepsAction(self.irreps_out)
-        sym = self.symmetry
-        # the three so(3) generators and the inversion, stacked once for the penalty
-        self.register_buffer("gens_in", torch.cat([sym.lie_in, sym.group_in]), persistent=False)
-        self.register_buffer("gens_out", torch.cat([sym.lie_out, sym.group_out]), persistent=False)
         self.arg_name = arg_name
         self._batch_shape: tuple[int, ...] = ()
 
@@ -95,24 +91,9 @@ class E3nnRelaxation(LinearRelaxation):
         self._y = result.detach()
         return result
 
-    # -- penalties --------------------------------------------------------------------------------
-    def penalty_terms(self) -> PenaltyTerms:
-        """Squared Lie defect over the three so(3) generators plus the inversion defect, and ||Wx||²,
-        summed over the recorded samples (the same quantities as
-        :meth:`relax_plugins.LinearRelaxation.penalty_terms`).
-
-        Computed in Gram form: with S = Σ_n x_n x_nᵀ (detached) and C = W dρ_in(g) − dρ_out(g) W,
-        Σ_n ||C x_n||² = ⟨C S, C⟩. The cost is O(n·d² + d³) once per layer instead of several
-        (n, d) × (d, d) products with gradients: on a SEGNN layer with thousands of edges this is
-        what keeps a relaxed training step close to a standard one.
-        """
-        x, n = self.penalty_input()
-        S = x.T @ x  # x is detached: S carries no gradient, the penalty trains W only
-        W = self.dense()
-        C = W @ self.gens_in.to(W.dtype) - self.gens_out.to(W.dtype) @ W  # (4, d_out, d_in): 3 Lie + inversion
-        K = torch.cat([C, W[None]])
-        r = ((K @ S) * K).sum(dim=(1, 2))
-        return PenaltyTerms(r[:-1].sum(), r[-1], n)
+    # penalties: the core's default (second-moment form, batched across layers of equal shapes by
+    # relax_plugins.penalty) computes exactly Σ_n ||W A x − A W x||² over the three so(3) generators
+    # and the inversion, and Σ_n ||W x||², at O(d³) per layer
 
     # -- projection -------------------------------------------------------------------------------
     def paths(self) -> list[tuple[int, int]]:
