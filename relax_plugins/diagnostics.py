@@ -82,6 +82,17 @@ def save_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def _save(fig: Any, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_report(report: dict[str, Any], path: str | Path, columns: Sequence[str] = LAYER_COLUMNS[1:]) -> Path:
     """Per-layer bar charts (log scale) of the report's columns, as a PNG (needs matplotlib)."""
     import matplotlib
@@ -100,12 +111,7 @@ def plot_report(report: dict[str, Any], path: str | Path, columns: Sequence[str]
         ax.set_title(col)
     if report.get("model"):
         fig.suptitle(", ".join(f"{k}: {v:.2e}" for k, v in report["model"].items()))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_history(history: Sequence[dict[str, float]], path: str | Path) -> Path:
@@ -123,9 +129,4 @@ def plot_history(history: Sequence[dict[str, float]], path: str | Path) -> Path:
         ax.set_xlabel("step")
         if key != "theta":
             ax.set_yscale("log")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 pytest.importorskip("torch_geometric")
 
 import relax_pyg  # noqa: E402
+from geometry import random_orthogonal  # noqa: E402
 from relax_pyg.irreps import Field, _harmonics, field_generators, irrep_generators, parse_irreps  # noqa: E402
 from relax_pyg.spec import LayerSpec  # noqa: E402
 from relax_pyg.term import PygRelaxation  # noqa: E402
@@ -98,14 +99,6 @@ def test_closed_form_projection_equals_dense_nullspace(fa, fb, fo, group, seed):
 # ---------------------------------------------------------------------------------------------
 # EGNN (a declared MessagePassing layer)
 # ---------------------------------------------------------------------------------------------
-def random_orthogonal(det: float, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """A random 3x3 orthogonal matrix with the given determinant."""
-    Q, R = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
-    Q = Q * torch.sign(torch.diagonal(R))
-    if torch.det(Q) * det < 0:
-        Q = Q.clone()
-        Q[:, 0] = -Q[:, 0]
-    return Q.to(dtype)
 
 
 def _graphs(dtype, sizes=(5, 5, 5)):

@@ -10,18 +10,10 @@ import torch
 
 pytest.importorskip("torch_geometric")
 
+from geometry import random_orthogonal  # noqa: E402
+
 import relax_plugins as rp  # noqa: E402
 from examples.visnet.model import make_visnet  # noqa: E402
-
-
-def random_orthogonal(det: float, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """A random 3x3 orthogonal matrix with the given determinant."""
-    Q, R = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
-    Q = Q * torch.sign(torch.diagonal(R))
-    if torch.det(Q) * det < 0:
-        Q = Q.clone()
-        Q[:, 0] = -Q[:, 0]
-    return Q.to(dtype)
 
 
 def _molecules(dtype, sizes=(4, 6)):
