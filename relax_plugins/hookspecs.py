@@ -49,7 +49,8 @@ def relax_make_term(
     while θ·W = 0. Raise an exception (not return None) if the module is recognised but cannot be
     relaxed: the core then aborts the whole relax() without changing the model.
 
-    Implementations may declare any subset of the arguments.
+    Implementations may declare any subset of the arguments, without default values (pluggy does
+    not pass arguments that have defaults).
 
     Args:
         module: a submodule of the user's model.

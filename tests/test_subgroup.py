@@ -54,3 +54,29 @@ def test_c4_relaxed_to_c2():
     assert torch.allclose(model[0].term.subgroup(W), W, atol=1e-12)  # W ∈ Hom_H
     with pytest.raises(rp.AdapterError, match="not a subgroup"):
         rp.relax(nn.Sequential(CNLinear(1, 1, n=4)), adapter_options={"subgroup": 3})
+
+
+def test_e3nn_o3_relaxed_to_so3():
+    from e3nn import o3
+
+    from relax_e3nn.irreps import D_from_matrix64
+
+    lin = o3.Linear("2x0e + 1x0o + 2x1o + 1x1e", "1x0e + 1x0o + 2x1o + 1x1e").double()
+    model = rp.relax(nn.Sequential(lin), adapters=["e3nn"], adapter_options={"subgroup": "SO(3)"})
+    rp.set_theta(model, 1.0)
+    with torch.no_grad():
+        model[0].term.weight.normal_()
+    x = torch.randn(32, lin.irreps_in.dim, dtype=torch.float64)
+    R = o3.rand_matrix(dtype=torch.float64)
+    D_in, D_out = (D_from_matrix64(i, R).to(torch.float64) for i in (lin.irreps_in, lin.irreps_out))
+    P_in, P_out = (D_from_matrix64(i, -torch.eye(3, dtype=torch.float64)) for i in (lin.irreps_in, lin.irreps_out))
+    with torch.no_grad():
+        assert (model(x @ D_in.T) - model(x) @ D_out.T).abs().max() < 1e-12  # SO(3) kept exactly
+        assert (model(x @ P_in.T) - model(x) @ P_out.T).abs().max() > 1e-3  # parity relaxed
+    model(x)
+    assert float(rp.penalty(model, norm=0.0).detach()) > 0
+    rp.project(model, merge=True)
+    with torch.no_grad():
+        assert (model(x @ P_in.T) - model(x) @ P_out.T).abs().max() < 1e-12
+    with pytest.raises(rp.AdapterError, match="subgroup"):
+        rp.relax(nn.Sequential(o3.Linear("1x0e", "1x0e")), adapter_options={"subgroup": "SO(2)"})

@@ -11,20 +11,18 @@ e3nn is not imported here: a model cannot hold e3nn layers unless e3nn was impor
 from __future__ import annotations
 
 import sys
-import weakref
 from typing import Any
 
 from torch import nn
 
 from relax_plugins import RelaxationTerm, hookimpl
 
-# Parameter-free tensor products inside e3nn ``nn.Gate`` (its gate multiplication) are part of the
-# nonlinearity, not a layer: relax() visits a Gate before its children, so they are noted here.
-_GATE_PARTS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 @hookimpl
-def relax_make_term(module: nn.Module, name: str, options: dict[str, Any]) -> RelaxationTerm | None:
+def relax_make_term(
+    module: nn.Module, name: str, options: dict[str, Any], root: nn.Module
+) -> RelaxationTerm | None:
     """A term for ``o3.Linear`` / ``o3.TensorProduct`` layers, None for anything else.
 
     Adapter options (``relax(model, adapter_options={...})``): ``e3nn_tensor_products`` (default
@@ -41,21 +39,28 @@ def relax_make_term(module: nn.Module, name: str, options: dict[str, Any]) -> Re
         return None
     from e3nn import o3
 
-    kw = {"rank": options.get("rank"), "init_std": float(options.get("init_std", 0.0))}
-    e3nn_nn = sys.modules.get("e3nn.nn")
-    if e3nn_nn is not None and isinstance(module, e3nn_nn.Gate):
-        _GATE_PARTS.update(m for m in module.modules() if m is not module)
+    is_linear = isinstance(module, o3.Linear)
+    if not (is_linear or (isinstance(module, o3.TensorProduct) and options.get("e3nn_tensor_products", True))):
         return None
-    if isinstance(module, o3.Linear):
-        from .terms import E3nnLinearRelaxation
+    if not is_linear and not options.get("e3nn_relax_gates", False) and _inside_gate(root, name):
+        return None  # the weightless multiplication of a Gate is not a learnable layer
+    kw = {"rank": options.get("rank"), "init_std": float(options.get("init_std", 0.0))}
+    subgroup = options.get("subgroup")
+    if subgroup is not None:
+        if subgroup != "SO(3)":
+            raise ValueError(f"e3nn adapter: subgroup must be 'SO(3)' (O(3) → SO(3)), got {subgroup!r}")
+        kw["subgroup"] = subgroup
+    from .terms import E3nnLinearRelaxation, E3nnTensorProductRelaxation
 
-        return E3nnLinearRelaxation(module, **kw)
-    if isinstance(module, o3.TensorProduct) and options.get("e3nn_tensor_products", True):
-        if module in _GATE_PARTS and not options.get("e3nn_relax_gates", False):
-            return None
-        from .terms import E3nnTensorProductRelaxation
+    return (E3nnLinearRelaxation if is_linear else E3nnTensorProductRelaxation)(module, **kw)
 
-        return E3nnTensorProductRelaxation(module, **kw)
+
+def _inside_gate(root: nn.Module | None, name: str) -> bool:
+    e3nn_nn = sys.modules.get("e3nn.nn")
+    if e3nn_nn is None or root is None or not name:
+        return False
+    parts = name.split(".")
+    return any(isinstance(root.get_submodule(".".join(parts[:i])), e3nn_nn.Gate) for i in range(len(parts)))
     return None
 
 

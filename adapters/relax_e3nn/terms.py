@@ -43,6 +43,9 @@ class E3nnRelaxation(LinearRelaxation):
         arg_name: name of the forward argument W reads, when it is passed by keyword.
         rank: low-rank W (see :class:`relax_plugins.LinearRelaxation`).
         init_std: std of a random initial dense W.
+        subgroup: ``"SO(3)"`` relaxes O(3) only to SO(3): W stays rotation-equivariant (it may mix
+            irreps of equal l and opposite parity) while the penalty and the final projection
+            still enforce parity. Or any module computing P_H(W).
 
     Example:
         >>> term = E3nnRelaxation("1x0e + 1x1o", "1x1o")
@@ -57,9 +60,12 @@ class E3nnRelaxation(LinearRelaxation):
         arg_name: str = "x",
         rank: int | None = None,
         init_std: float = 0.0,
+        subgroup: str | nn.Module | None = None,
     ) -> None:
         self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
-        super().__init__(irreps_symmetry(self.irreps_in, self.irreps_out), rank=rank, init_std=init_std)
+        subgroup = SO3Projector(self.irreps_in, self.irreps_out) if subgroup == "SO(3)" else subgroup
+        super().__init__(irreps_symmetry(self.irreps_in, self.irreps_out), rank=rank, init_std=init_std,
+                         subgroup=subgroup)
         self.act_in, self.act_out = IrrepsAction(self.irreps_in), IrrepsAction(self.irreps_out)
         self.arg_name = arg_name
         self._batch_shape: tuple[int, ...] = ()
@@ -133,10 +139,12 @@ class E3nnLinearRelaxation(E3nnRelaxation):
         [(0, 0), (1, 1)]
     """
 
-    def __init__(self, linear: nn.Module, rank: int | None = None, init_std: float = 0.0) -> None:
+    def __init__(self, linear: nn.Module, rank: int | None = None, init_std: float = 0.0,
+                 subgroup: str | nn.Module | None = None) -> None:
         if getattr(linear, "internal_weights", False) and linear.weight.dim() > 1:
             raise ValueError("o3.Linear with f_in/f_out (batched feature channels) is not supported")
-        super().__init__(linear.irreps_in, linear.irreps_out, _first_arg_name(linear), rank=rank, init_std=init_std)
+        super().__init__(linear.irreps_in, linear.irreps_out, _first_arg_name(linear), rank=rank, init_std=init_std,
+                         subgroup=subgroup)
         self._paths = [
             (ins.i_in, ins.i_out)
             for ins in linear.instructions
@@ -198,8 +206,10 @@ class E3nnTensorProductRelaxation(E3nnRelaxation):
         torch.Size([4, 3])
     """
 
-    def __init__(self, tp: nn.Module, rank: int | None = None, init_std: float = 0.0) -> None:
-        super().__init__(tp.irreps_in1, tp.irreps_out, _first_arg_name(tp), rank=rank, init_std=init_std)
+    def __init__(self, tp: nn.Module, rank: int | None = None, init_std: float = 0.0,
+                 subgroup: str | nn.Module | None = None) -> None:
+        super().__init__(tp.irreps_in1, tp.irreps_out, _first_arg_name(tp), rank=rank, init_std=init_std,
+                         subgroup=subgroup)
 
     def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
         return False
@@ -211,4 +221,39 @@ class E3nnTensorProductRelaxation(E3nnRelaxation):
             out["rel_output_error_unmerged"] = out["rel_output_error"]
             out["rel_output_error"] = out["relax_ratio"]
         out["mergeable"] = 0.0
+        return out
+
+
+class SO3Projector(nn.Module):
+    """Differentiable orthogonal projection onto the SO(3) intertwiners ``irreps_in → irreps_out``:
+    every block between copies of irreps of equal l (either parity) becomes tr(block)/(2l+1)·I.
+
+    Used to relax an O(3) layer only to its subgroup SO(3) (``subgroup="SO(3)"``).
+
+    Example:
+        >>> P = SO3Projector("1x1o", "1x1e")
+        >>> W = torch.randn(3, 3, dtype=torch.float64)
+        >>> bool(torch.allclose(P(W), torch.eye(3, dtype=torch.float64) * W.trace() / 3))
+        True
+    """
+
+    def __init__(self, irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str) -> None:
+        super().__init__()
+        irreps_in, irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+        s_in, s_out = irreps_in.slices(), irreps_out.slices()
+        self.blocks = [
+            (s_out[j], s_in[i], mo, mi, ir_i.l)
+            for i, (mi, ir_i) in enumerate(irreps_in)
+            for j, (mo, ir_o) in enumerate(irreps_out)
+            if ir_i.l == ir_o.l and mi > 0 and mo > 0
+        ]
+
+    def forward(self, W: Tensor) -> Tensor:
+        out = torch.zeros_like(W)
+        for so, si, mo, mi, l in self.blocks:
+            d = 2 * l + 1
+            block = W[so, si].reshape(mo, d, mi, d)
+            c = block.diagonal(dim1=1, dim2=3).sum(-1) / d  # (mo, mi)
+            eye = torch.eye(d, dtype=W.dtype, device=W.device)
+            out[so, si] = (c[:, None, :, None] * eye[None, :, None, :]).reshape(mo * d, mi * d)
         return out
