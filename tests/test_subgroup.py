@@ -58,7 +58,6 @@ def test_c4_relaxed_to_c2():
 
 def test_e3nn_o3_relaxed_to_so3():
     from e3nn import o3
-
     from relax_e3nn.irreps import D_from_matrix64
 
     lin = o3.Linear("2x0e + 1x0o + 2x1o + 1x1e", "1x0e + 1x0o + 2x1o + 1x1e").double()

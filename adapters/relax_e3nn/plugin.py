@@ -18,7 +18,6 @@ from torch import nn
 from relax_plugins import RelaxationTerm, hookimpl
 
 
-
 @hookimpl
 def relax_make_term(
     module: nn.Module, name: str, options: dict[str, Any], root: nn.Module
