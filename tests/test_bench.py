@@ -13,4 +13,4 @@ def test_overhead_benchmark_runs(tmp_path):
     results = overhead.main(["--steps", "3", "--out", str(tmp_path)])
     assert (tmp_path / "overhead.json").exists() and (tmp_path / "overhead.png").exists()
     for r in results:
-        assert r["inference_identical_outputs"] and r["projected_classes_match"]
+        assert r["inference_identical_outputs"] and r["projected_classes_match"] and r["projected_keys_match"]

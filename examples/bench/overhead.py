@@ -51,7 +51,8 @@ def _c8() -> Spec:
 
     def batch(device):
         g = torch.Generator().manual_seed(0)
-        return (torch.randn(32, 1, 29, 29, generator=g).to(device),), torch.randint(0, 10, (32,), generator=g).to(device)
+        x = torch.randn(32, 1, 29, 29, generator=g)
+        return (x.to(device),), torch.randint(0, 10, (32,), generator=g).to(device)
 
     return Spec("escnn C8 CNN (29x29, batch 32)", C8Net, batch, nn.functional.cross_entropy, rank=4)
 
@@ -131,15 +132,18 @@ def measure(spec: Spec, steps: int, device: torch.device) -> dict:
             "saved_bytes": saved_activation_bytes(model, inputs, target, spec.loss, label != "standard"),
         }
     std = result["arms"]["standard"]
-    for label, row in result["arms"].items():
+    for row in result["arms"].values():
         row["step_ratio"] = row["step_ms"] / std["step_ms"]
         row["param_ratio"] = row["params"] / n_base
         row["saved_ratio"] = row["saved_bytes"] / std["saved_bytes"]
 
     # inference: project the relaxed model (merge) and time it against the original architecture
-    projected = rp.project(arms["relaxed"], merge=True).eval()
-    original = copy.deepcopy(projected)  # same classes and weights, never relaxed
+    projected = rp.project(arms["relaxed"], merge=True)
+    original = copy.deepcopy(base)  # the never-relaxed architecture, given the projected weights
     original.load_state_dict(projected.state_dict())
+    with torch.no_grad():  # escnn's eval() caches filters; with autograd on they break deepcopy
+        projected.eval()
+        original.eval()
     infer = {"projected": [], "original": []}
     with torch.no_grad():
         for _ in range(max(steps, 5)):
@@ -150,9 +154,12 @@ def measure(spec: Spec, steps: int, device: torch.device) -> dict:
         same = torch.equal(projected(*inputs), original(*inputs))
     result["inference_ratio"] = statistics.median(infer["projected"]) / statistics.median(infer["original"])
     result["inference_identical_outputs"] = bool(same)
-    result["projected_classes_match"] = [type(m).__name__ for m in projected.modules()] == [
-        type(m).__name__ for m in base.modules()
-    ]
+    # e3nn's code-generated submodules (torch.fx GraphModules) get a new class on every deepcopy
+    def classes(model: nn.Module) -> list[str]:
+        return [type(m).__name__ for m in model.modules() if not isinstance(m, torch.fx.GraphModule)]
+
+    result["projected_classes_match"] = classes(projected) == classes(base)
+    result["projected_keys_match"] = list(projected.state_dict()) == list(base.state_dict())
     if device.type == "cuda":
         result["device"] = torch.cuda.get_device_name(device)
     return result
@@ -205,7 +212,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{r['model']:40s} {arm:18s} {row['step_ms']:9.1f} {row['step_ratio']:6.2f} {row['params']:8d} "
                   f"{row['param_ratio']:6.2f} {row['saved_ratio']:7.2f}")
         print(f"{'':40s} inference projected/original: {r['inference_ratio']:.2f}, identical outputs: "
-              f"{r['inference_identical_outputs']}, original classes: {r['projected_classes_match']}")
+              f"{r['inference_identical_outputs']}, original classes: {r['projected_classes_match']}, "
+              f"keys: {r['projected_keys_match']}")
     print(f"wrote {out / 'overhead.json'} and {out / 'overhead.png'}")
     return results
 
