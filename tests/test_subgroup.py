@@ -79,3 +79,29 @@ def test_e3nn_o3_relaxed_to_so3():
         assert (model(x @ P_in.T) - model(x) @ P_out.T).abs().max() < 1e-12
     with pytest.raises(rp.AdapterError, match="subgroup"):
         rp.relax(nn.Sequential(o3.Linear("1x0e", "1x0e")), adapter_options={"subgroup": "SO(2)"})
+
+
+def test_escnn_c8_relaxed_to_c4():
+    from escnn import gspaces
+    from escnn import nn as enn
+
+    gs = gspaces.rot2dOnR2(8)
+    t_in, t_out = enn.FieldType(gs, [gs.regular_repr]), enn.FieldType(gs, [gs.regular_repr] * 2)
+    results = {}
+    for sub in (None, 4):
+        torch.manual_seed(0)
+        conv = enn.R2Conv(t_in, t_out, 5, padding=2)
+        options = {} if sub is None else {"subgroup": sub}
+        model = rp.relax(enn.SequentialModule(conv), adapters=["escnn"], adapter_options=options)
+        rp.set_theta(model, 1.0)
+        with torch.no_grad():
+            model[0].term.weight.normal_()
+        x = enn.GeometricTensor(torch.randn(2, t_in.size, 15, 15), t_in)
+        quarter = gs.fibergroup.element(2)  # rotation by π/2: exact on the pixel grid
+        with torch.no_grad():
+            y_rot = model(x.transform(quarter)).tensor
+            rot_y = model(x).transform(quarter).tensor
+        results[sub] = float((y_rot - rot_y).abs().max() / rot_y.abs().max())
+        term = model[0].term
+        assert float(term.residual().square().sum()) > 1e-3  # K is not C8-equivariant either way
+    assert results[4] < 1e-5 < 1e-2 < results[None]  # C4 kept exactly (float32 basis) only with the subgroup

@@ -146,6 +146,7 @@ class ConvRelaxation(RelaxationTerm):
         penalty: str = "residual",
         activation_norm: str = "kernel",
         init_std: float = 0.0,
+        subgroup: Any = None,
     ) -> None:
         super().__init__()
         if penalty not in PENALTIES:
@@ -176,6 +177,16 @@ class ConvRelaxation(RelaxationTerm):
         # basis layout is (out, in, S) for both; the transposed filter is (in, out, k, ...)
         rows, cols = (shape[1], shape[0]) if self.transposed else (shape[0], shape[1])
         self.projector = BasisProjector(conv.basisexpansion, rows, cols)
+        # relaxing only to a subgroup H: K = P_H(V), least squares onto the basis escnn builds for the
+        # same convolution between the restricted field types (e.g. C8 -> C4: subgroup=4)
+        self.subgroup_projector = None
+        if subgroup is not None:
+            if self.transposed:
+                raise NotImplementedError("subgroup relaxation is implemented for R2Conv/R3Conv only")
+            shadow = type(conv)(conv.in_type.restrict(subgroup), conv.out_type.restrict(subgroup), self.kernel_size,
+                                padding=conv.padding, stride=conv.stride, dilation=conv.dilation,
+                                groups=conv.groups, bias=False, initialize=False)
+            self.subgroup_projector = BasisProjector(shadow.basisexpansion, rows, cols)
         self._grid_in = conv.in_type if conv.groups == 1 else conv.in_type.index_select(
             list(range(len(conv.in_type) // conv.groups)))
         self._grid_out = conv.out_type
@@ -190,6 +201,12 @@ class ConvRelaxation(RelaxationTerm):
         self._x: Tensor | None = None
         self._samples = 0
         self._y_norm: Tensor | None = None
+
+    def kernel(self) -> Tensor:
+        """The relaxation kernel K in torch layout: the free weight, or P_H of it for a subgroup."""
+        if self.subgroup_projector is None:
+            return self.weight
+        return self._torch_layout(self.subgroup_projector.project(self._basis_layout(self.weight)))
 
     # -- layout helpers --------------------------------------------------------------------------
     def _basis_layout(self, K: Tensor) -> Tensor:
@@ -226,7 +243,7 @@ class ConvRelaxation(RelaxationTerm):
             filt, bias = base.expand_parameters()
         else:
             filt, bias = base.filter, base.expanded_bias
-        K = self.weight
+        K = self.kernel()
         # one convolution with the summed kernels (a second convolution would double the cost)
         out = self._conv(x.tensor, filt + theta.to(K.dtype) * K, bias)
         self._x = x.tensor.detach()
@@ -237,14 +254,14 @@ class ConvRelaxation(RelaxationTerm):
     # -- penalty -------------------------------------------------------------------------------
     def residual(self) -> Tensor:
         """K − P(K) in torch layout (differentiable in K)."""
-        Kb = self._basis_layout(self.weight)
+        Kb = self._basis_layout(self.kernel())
         return self._torch_layout(Kb - self.projector.project(Kb))
 
     def grid_defect(self) -> Tensor:
         """Σ_g ||ρ_out(g) K(g⁻¹·) ρ_in(g)⁻¹ − K||² over the grid-exact group elements."""
         if self._actions is None:
             self._actions = grid_actions(self._grid_in, self._grid_out, self.kernel_size, self.d)
-        Kb = self._basis_layout(self.weight)
+        Kb = self._basis_layout(self.kernel())
         total = Kb.new_zeros(())
         for rout, rin_inv, perm in self._actions:
             rout, rin_inv = rout.to(Kb), rin_inv.to(Kb)
@@ -268,17 +285,17 @@ class ConvRelaxation(RelaxationTerm):
         n = self._samples
         lie = n * self.kernel_defect()
         if self.activation_norm == "exact":
-            norm = self._conv(self._x, self.weight, None).square().sum()
+            norm = self._conv(self._x, self.kernel(), None).square().sum()
         else:
             # E||K ⋆ x||² per output position for i.i.d. inputs with second moment mean(x²)
-            norm = n * self._x.square().mean() * self.weight.square().sum()
+            norm = n * self._x.square().mean() * self.kernel().square().sum()
         return PenaltyTerms(lie, norm, n)
 
     # -- projection ----------------------------------------------------------------------------
     def coefficients(self) -> Tensor:
         """Least-squares escnn ``weights`` of K, computed in float64 (shape (dim,))."""
         with torch.no_grad():
-            return self.projector.coefficients(self._basis_layout(self.weight.detach().double()))
+            return self.projector.coefficients(self._basis_layout(self.kernel().detach().double()))
 
     def merge(self, base: _RdConv, theta: Tensor) -> bool:
         with torch.no_grad():
@@ -293,7 +310,7 @@ class ConvRelaxation(RelaxationTerm):
 
     def projection_error(self, theta: Tensor) -> dict[str, float]:
         with torch.no_grad():
-            K = self.weight.detach()
+            K = self.kernel().detach()
             R = self.residual().detach()
             th = float(theta)
             out = {

@@ -44,6 +44,7 @@ def relax_make_term(module: nn.Module, options: dict[str, Any]) -> RelaxationTer
             penalty=options.get("escnn_penalty", "residual"),
             activation_norm=options.get("escnn_activation_norm", "kernel"),
             init_std=init_std,
+            subgroup=options.get("subgroup"),
         )
     if isinstance(module, enn.Linear):
         from .linear import EscnnLinearRelaxation
