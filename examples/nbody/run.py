@@ -626,8 +626,9 @@ def plot(runs: list[dict[str, Any]], cfg: Config, path: Path) -> Path | None:
             continue
         spec = arm_spec(arm, cfg)
         dashed = arm in ("no_lie", "no_norm", "drop")
-        style = {"color": colours[k % len(colours)],
-                 "linestyle": ":" if spec["dual"] else ("--" if dashed else "-")}
+        # drop/lowrank can coincide with relaxed/standard: thin broken lines on top of thick ones
+        style = {"color": colours[k % len(colours)], "linewidth": 2.5 if arm in ("standard", "relaxed") else 1.5,
+                 "linestyle": ":" if spec["dual"] else ("-." if arm == "lowrank" else ("--" if dashed else "-"))}
         steps = [h["step"] for h in rs[0]["history"]]
         vals = [statistics.fmean(r["history"][i]["val_mse"] for r in rs) for i in range(len(steps))]
         ax1.plot(steps, vals, label=arm, **style)
