@@ -32,6 +32,7 @@ __all__ = [
     "lie_defect",
     "group_defect",
     "GenericProjector",
+    "OneGeneratorProjector",
 ]
 
 # dense intertwiner bases above this many weight entries are too costly for the generic projector
@@ -297,3 +298,53 @@ class GenericProjector(nn.Module):
         else:
             out = (a @ (a.T @ Wd.reshape(-1))).reshape(W.shape)
         return out.to(W.dtype)
+
+
+class OneGeneratorProjector(nn.Module):
+    """P(W) onto the maps commuting with one Lie generator (a one-parameter group such as SO(2) about
+    an axis), for fibres of any size: with the spectral projectors Π_λ of the Hermitian i·A,
+    P(W) = Σ_λ Π_λ^out W Π_λ^in (a pinching: the orthogonal projection onto the commutant).
+    Linear and differentiable in W; the eigendecompositions are computed once, in float64.
+
+    Args:
+        A_in: (d_in, d_in) real antisymmetric generator on the input.
+        A_out: (d_out, d_out) the same Lie-algebra element on the output.
+        tol: eigenvalues closer than this are one eigenspace.
+
+    Example:
+        >>> import torch
+        >>> J = torch.tensor([[0., -1.], [1., 0.]], dtype=torch.float64)
+        >>> P = OneGeneratorProjector(J, J)
+        >>> W = P(torch.randn(2, 2, dtype=torch.float64))
+        >>> bool(torch.allclose(W @ J, J @ W))
+        True
+    """
+
+    def __init__(self, A_in: Tensor, A_out: Tensor, tol: float = 1e-6) -> None:
+        super().__init__()
+        pairs = []
+        ev_in, V_in = torch.linalg.eigh(1j * A_in.to(torch.complex128))
+        ev_out, V_out = torch.linalg.eigh(1j * A_out.to(torch.complex128))
+        for lam in torch.unique(torch.round(ev_in / tol) * tol):
+            sel_in = (ev_in - lam).abs() < 10 * tol
+            sel_out = (ev_out - lam).abs() < 10 * tol
+            if sel_in.any() and sel_out.any():
+                pairs.append((V_out[:, sel_out], V_in[:, sel_in]))
+        # Π^out_λ W Π^in_λ = U (Uᴴ W V) Vᴴ, stacked over λ as one pair of matrices per side
+        self.register_buffer("U", torch.cat([u for u, _ in pairs], 1) if pairs else torch.zeros(A_out.shape[0], 0,
+                             dtype=torch.complex128), persistent=False)
+        self.register_buffer("V", torch.cat([v for _, v in pairs], 1) if pairs else torch.zeros(A_in.shape[0], 0,
+                             dtype=torch.complex128), persistent=False)
+        mask = torch.block_diag(*[torch.ones(u.shape[1], v.shape[1]) for u, v in pairs]) if pairs else torch.zeros(0, 0)
+        self.register_buffer("mask", mask.to(torch.complex128), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # complex float64 buffers: follow the device only
+        probe = fn(torch.zeros((), dtype=torch.float64, device=self.U.device))
+        for name in ("U", "V", "mask"):
+            self._buffers[name] = self._buffers[name].to(device=probe.device)
+        return self
+
+    def forward(self, W: Tensor) -> Tensor:
+        inner = (self.U.conj().T @ W.to(torch.complex128) @ self.V) * self.mask
+        return (self.U @ inner @ self.V.conj().T).real.to(W.dtype)

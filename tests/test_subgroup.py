@@ -78,7 +78,7 @@ def test_e3nn_o3_relaxed_to_so3():
     with torch.no_grad():
         assert (model(x @ P_in.T) - model(x) @ P_out.T).abs().max() < 1e-12
     with pytest.raises(rp.AdapterError, match="subgroup"):
-        rp.relax(nn.Sequential(o3.Linear("1x0e", "1x0e")), adapter_options={"subgroup": "SO(2)"})
+        rp.relax(nn.Sequential(o3.Linear("1x0e", "1x0e")), adapter_options={"subgroup": "SO(5)"})
 
 
 def test_escnn_c8_relaxed_to_c4():
@@ -105,3 +105,53 @@ def test_escnn_c8_relaxed_to_c4():
         term = model[0].term
         assert float(term.residual().square().sum()) > 1e-3  # K is not C8-equivariant either way
     assert results[4] < 1e-5 < 1e-2 < results[None]  # C4 kept exactly (float32 basis) only with the subgroup
+
+
+def test_escnn_d4_relaxed_to_c4():
+    from escnn import gspaces
+    from escnn import nn as enn
+
+    gs = gspaces.flipRot2dOnR2(4)
+    t = enn.FieldType(gs, [gs.regular_repr])
+    errors = {}
+    for sub in (None, (None, 4)):
+        torch.manual_seed(0)
+        options = {} if sub is None else {"subgroup": sub}
+        model = rp.relax(enn.SequentialModule(enn.R2Conv(t, t, 3, padding=1)), adapters=["escnn"],
+                         adapter_options=options)
+        rp.set_theta(model, 1.0)
+        with torch.no_grad():
+            model[0].term.weight.normal_()
+        x = enn.GeometricTensor(torch.randn(2, t.size, 9, 9), t)
+        with torch.no_grad():
+            for name, g in (("rot", gs.fibergroup.element((0, 1))), ("flip", gs.fibergroup.element((1, 0)))):
+                y = model(x.transform(g)).tensor
+                ref = model(x).transform(g).tensor
+                errors[(sub is None, name)] = float((y - ref).abs().max() / ref.abs().max())
+    assert errors[(False, "rot")] < 1e-5 < 1e-2 < errors[(False, "flip")]  # C4 kept, the flip relaxed
+    assert errors[(True, "rot")] > 1e-2
+
+
+@pytest.mark.parametrize("axis", ["x", "z"])
+def test_e3nn_so3_relaxed_to_so2_about_an_axis(axis):
+    from e3nn import o3
+    from relax_e3nn.irreps import D_from_matrix64
+
+    lin = o3.Linear("2x0e + 2x1o + 1x2e", "1x0e + 2x1o + 1x2e").double()
+    model = rp.relax(nn.Sequential(lin), adapters=["e3nn"], adapter_options={"subgroup": f"SO(2)_{axis}"})
+    rp.set_theta(model, 1.0)
+    with torch.no_grad():
+        model[0].term.weight.normal_()
+    x = torch.randn(32, lin.irreps_in.dim, dtype=torch.float64)
+    angle = torch.tensor(0.7, dtype=torch.float64)
+    about = {"x": o3.matrix_x, "z": o3.matrix_z}[axis](angle)
+    generic = o3.rand_matrix(dtype=torch.float64)
+
+    def err(R):
+        D_in, D_out = (D_from_matrix64(i, R).to(torch.float64) for i in (lin.irreps_in, lin.irreps_out))
+        with torch.no_grad():
+            return float((model(x @ D_in.T) - model(x) @ D_out.T).abs().max())
+
+    assert err(about) < 1e-12 and err(generic) > 1e-3
+    rp.project(model, merge=True)
+    assert err(generic) < 1e-12

@@ -134,8 +134,10 @@ def irreps_symmetry(irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str, nam
     dtype = torch.get_default_dtype()
 
     def parts(irreps: o3.Irreps) -> tuple[Tensor, Tensor]:
-        act = IrrepsAction(irreps)
-        lie = act.dense_lie()
+        # float64 from so3_generators64 (not the default-dtype buffers of IrrepsAction): the Symmetry
+        # keeps generators exact, which float64 checks of subgroup projections rely on
+        blocks = [so3_generators64(ir.l) for mul, ir in irreps for _ in range(mul)]
+        lie = torch.stack([torch.block_diag(*[b[k] for b in blocks]) for k in range(3)])
         # D_from_matrix(-I) of the whole irreps list: computed by e3nn (not restated) so that the
         # parity convention is e3nn's own
         inv = D_from_matrix64(irreps, -torch.eye(3)).to(dtype)

@@ -46,8 +46,11 @@ def relax_make_term(
     kw = {"rank": options.get("rank"), "init_std": float(options.get("init_std", 0.0))}
     subgroup = options.get("subgroup")
     if subgroup is not None:
-        if subgroup != "SO(3)":
-            raise ValueError(f"e3nn adapter: subgroup must be 'SO(3)' (O(3) → SO(3)), got {subgroup!r}")
+        if subgroup not in ("SO(3)", "SO(2)", "SO(2)_x", "SO(2)_y", "SO(2)_z"):
+            raise ValueError(
+                "e3nn adapter: subgroup must be 'SO(3)' (O(3) → SO(3)) or 'SO(2)_x'/'_y'/'_z' (rotations about "
+                f"one axis; 'SO(2)' = z), got {subgroup!r}"
+            )
         kw["subgroup"] = subgroup
     from .terms import E3nnLinearRelaxation, E3nnTensorProductRelaxation
 

@@ -23,6 +23,7 @@ from e3nn import o3
 from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation
+from relax_plugins.symmetry import OneGeneratorProjector
 
 from .irreps import IrrepsAction, irrep_pairs, irreps_symmetry, path_coefficients, project_irreps_dense
 
@@ -32,6 +33,9 @@ __all__ = ["E3nnRelaxation", "E3nnLinearRelaxation", "E3nnTensorProductRelaxatio
 def _first_arg_name(module: nn.Module) -> str:
     params = list(inspect.signature(type(module).forward).parameters)
     return params[1] if len(params) > 1 else "x"
+
+
+SO2_AXES = {"SO(2)": 2, "SO(2)_x": 0, "SO(2)_y": 1, "SO(2)_z": 2}
 
 
 class E3nnRelaxation(LinearRelaxation):
@@ -45,7 +49,8 @@ class E3nnRelaxation(LinearRelaxation):
         init_std: std of a random initial dense W.
         subgroup: ``"SO(3)"`` relaxes O(3) only to SO(3): W stays rotation-equivariant (it may mix
             irreps of equal l and opposite parity) while the penalty and the final projection
-            still enforce parity. Or any module computing P_H(W).
+            still enforce parity. ``"SO(2)_x"``, ``"SO(2)_y"``, ``"SO(2)_z"`` (``"SO(2)"`` = z) keep
+            only the rotations about that axis. Or any module computing P_H(W).
 
     Example:
         >>> term = E3nnRelaxation("1x0e + 1x1o", "1x1o")
@@ -63,9 +68,13 @@ class E3nnRelaxation(LinearRelaxation):
         subgroup: str | nn.Module | None = None,
     ) -> None:
         self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
-        subgroup = SO3Projector(self.irreps_in, self.irreps_out) if subgroup == "SO(3)" else subgroup
-        super().__init__(irreps_symmetry(self.irreps_in, self.irreps_out), rank=rank, init_std=init_std,
-                         subgroup=subgroup)
+        sym = irreps_symmetry(self.irreps_in, self.irreps_out)
+        if subgroup == "SO(3)":
+            subgroup = SO3Projector(self.irreps_in, self.irreps_out)
+        elif isinstance(subgroup, str) and subgroup in SO2_AXES:
+            axis = SO2_AXES[subgroup]  # e3nn's generators are rotations about x, y, z
+            subgroup = OneGeneratorProjector(sym.lie_in[axis], sym.lie_out[axis])
+        super().__init__(sym, rank=rank, init_std=init_std, subgroup=subgroup)
         self.act_in, self.act_out = IrrepsAction(self.irreps_in), IrrepsAction(self.irreps_out)
         self.arg_name = arg_name
         self._batch_shape: tuple[int, ...] = ()
