@@ -228,7 +228,14 @@ def set_theta(model: nn.Module, value: float | dict[str, float]) -> None:
 
 
 def get_theta(model: nn.Module) -> dict[str, float]:
-    """θ of every relaxed layer, by qualified name."""
+    """θ of every relaxed layer, by qualified name.
+
+    Example:
+        >>> import torch, relax_plugins as rp
+        >>> from relax_toy.layers import SO2Linear
+        >>> rp.get_theta(rp.relax(torch.nn.Sequential(SO2Linear(1, 1))))
+        {'0': 0.0}
+    """
     return {n: float(m.theta) for n, m in _require_relaxed(model, "get_theta")}
 
 
