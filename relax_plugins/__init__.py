@@ -37,7 +37,7 @@ from .plugins import (
     reset_plugin_manager,
     unregister_adapter,
 )
-from .symmetry import Symmetry
+from .symmetry import KronGenerators, Symmetry
 from .term import LinearRelaxation, PenaltyTerms, RelaxationTerm
 from .training import RelaxedTraining
 from .wrapper import RelaxedModule
@@ -69,6 +69,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "DISABLE_AUTOLOAD_ENV",
     "Symmetry",
+    "KronGenerators",
     "RelaxationTerm",
     "LinearRelaxation",
     "PenaltyTerms",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,10 +34,47 @@ __all__ = [
     "group_defect",
     "GenericProjector",
     "OneGeneratorProjector",
+    "KronGenerators",
 ]
 
 # dense intertwiner bases above this many weight entries are too costly for the generic projector
 MAX_GENERIC_NULLSPACE = 4096
+
+
+class KronGenerators:
+    """Generators ``factor_k ⊗ I_channels`` (fibre index ``j·channels + c``), kept as small factors.
+
+    A :class:`Symmetry` built from these materialises the dense (k, d, d) matrices only if something
+    asks for them; adapters with structured penalties and projections (vector neurons) never do, which
+    saves O(d²) memory per layer on wide layers.
+
+    Example:
+        >>> import torch
+        >>> g = KronGenerators(torch.eye(3)[None], channels=4)
+        >>> g.dense().shape
+        torch.Size([1, 12, 12])
+    """
+
+    def __init__(self, factors: Tensor, channels: int) -> None:
+        self.factors = torch.as_tensor(factors).double()
+        if self.factors.dim() == 2:
+            self.factors = self.factors[None]
+        self.channels = int(channels)
+
+    @property
+    def count(self) -> int:
+        return self.factors.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.factors.shape[-1] * self.channels
+
+    def dense(self) -> Tensor:
+        eye = torch.eye(self.channels, dtype=torch.float64, device=self.factors.device)
+        return torch.stack([torch.kron(f, eye) for f in self.factors])
+
+
+_GENERATORS = ("lie_in", "lie_out", "group_in", "group_out")
 
 
 def _stack(mats: Tensor | list[Tensor] | None, d: int) -> Tensor:
@@ -86,22 +124,37 @@ class Symmetry(nn.Module):
     ) -> None:
         super().__init__()
         self.dim_in, self.dim_out, self.name = int(dim_in), int(dim_out), name
-        li, lo = _stack(lie_in, dim_in), _stack(lie_out, dim_out)
-        gi, go = _stack(group_in, dim_in), _stack(group_out, dim_out)
-        if li.shape[0] != lo.shape[0] or gi.shape[0] != go.shape[0]:
+        self._lazy: dict[str, KronGenerators] = {}
+        self._device = torch.device("cpu")
+        counts = {}
+        for key, mats, d in (("lie_in", lie_in, dim_in), ("lie_out", lie_out, dim_out),
+                             ("group_in", group_in, dim_in), ("group_out", group_out, dim_out)):
+            if isinstance(mats, KronGenerators):
+                if mats.dim != d:
+                    raise ValueError(f"{key}: structured generators of dimension {mats.dim}, expected {d}")
+                self._lazy[key], counts[key] = mats, mats.count
+                continue
+            dense = _stack(mats, d)
+            counts[key] = dense.shape[0]
+            # float64 always (see _apply); contiguous: generators built from numpy can be Fortran-ordered
+            self.register_buffer(key, dense.double().contiguous(), persistent=False)
+        if counts["lie_in"] != counts["lie_out"] or counts["group_in"] != counts["group_out"]:
             raise ValueError("input and output must have the same number of generators")
-        if li.shape[0] + gi.shape[0] == 0:
+        if counts["lie_in"] + counts["group_in"] == 0:
             raise ValueError("a Symmetry needs at least one generator")
-        # float64 always (see _apply); contiguous: generators built from numpy can be Fortran-ordered
-        self.register_buffer("lie_in", li.double().contiguous(), persistent=False)
-        self.register_buffer("lie_out", lo.double().contiguous(), persistent=False)
-        self.register_buffer("group_in", gi.double().contiguous(), persistent=False)
-        self.register_buffer("group_out", go.double().contiguous(), persistent=False)
+        self._num_lie, self._num_group = counts["lie_in"], counts["group_in"]
+
+    def __getattr__(self, name: str) -> Any:
+        lazy = self.__dict__.get("_lazy")
+        if lazy and name in lazy:
+            # first use of structured generators: materialise them as a (non-persistent) buffer
+            self.register_buffer(name, lazy.pop(name).dense().to(self._device).contiguous(), persistent=False)
+        return super().__getattr__(name)
 
     def stacked(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """All generators (Lie, then finite) stacked, (k + m, d, d) on input and output, in ``dtype``;
         cached, since penalties ask for them every step."""
-        key = (dtype, self.lie_in.device)
+        key = (dtype, self._device)
         cache = self.__dict__.setdefault("_stacked", {})
         if key not in cache:
             cache.clear()
@@ -114,18 +167,22 @@ class Symmetry(nn.Module):
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # follow the module's device but stay float64: after model.float().double() the generators
         # must still be exact, and penalties cast them to the weights' dtype when used
-        probe = fn(torch.zeros((), dtype=torch.float64, device=self.lie_in.device))
-        for name in ("lie_in", "lie_out", "group_in", "group_out"):
-            self._buffers[name] = self._buffers[name].to(device=probe.device)
+        probe = fn(torch.zeros((), dtype=torch.float64, device=self._device))
+        self._device = probe.device
+        for name in _GENERATORS:
+            if name in self._buffers:
+                self._buffers[name] = self._buffers[name].to(device=probe.device)
+        for lazy in self._lazy.values():
+            lazy.factors = lazy.factors.to(probe.device)
         return self
 
     @property
     def num_lie(self) -> int:
-        return self.lie_in.shape[0]
+        return self._num_lie
 
     @property
     def num_group(self) -> int:
-        return self.group_in.shape[0]
+        return self._num_group
 
     def extra_repr(self) -> str:
         return f"{self.name or 'group'}: {self.dim_in} -> {self.dim_out}, lie={self.num_lie}, group={self.num_group}"

@@ -478,3 +478,17 @@ def test_penalty_samples_subset_estimates_the_full_sums():
     assert torch.equal(small[0].penalty_terms().lie, full[0].penalty_terms().lie)
     with pytest.raises(ValueError):
         rp.relax(so2_model(), penalty_samples=0)
+
+
+def test_kron_generators_materialise_only_when_used():
+    from relax_plugins.symmetry import KronGenerators
+
+    J = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
+    lazy = rp.Symmetry(6, 4, lie_in=KronGenerators(J, 3), lie_out=KronGenerators(J, 2))
+    dense = rp.Symmetry(6, 4, lie_in=torch.kron(J, torch.eye(3))[None], lie_out=torch.kron(J, torch.eye(2))[None])
+    assert lazy.num_lie == 1 and "lie_in" not in lazy._buffers  # nothing dense yet
+    lazy.double().float()
+    assert torch.equal(lazy.lie_in, dense.lie_in) and "lie_in" in lazy._buffers
+    assert torch.equal(lazy.lie_out, dense.lie_out)
+    with pytest.raises(ValueError, match="dimension"):
+        rp.Symmetry(5, 4, lie_in=KronGenerators(J, 3), lie_out=KronGenerators(J, 2))

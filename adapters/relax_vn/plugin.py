@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation, PenaltyTerms, Symmetry, hookimpl
+from relax_plugins.symmetry import KronGenerators
 
 __all__ = [
     "VN_LINEAR_NAMES",
@@ -108,14 +109,14 @@ def vn_symmetry(c_in: int, c_out: int, group: str = "SO(3)") -> Symmetry:
     """
     if group not in _GROUPS:
         raise ValueError(f"vn_group must be one of {_GROUPS}, got {group!r}")
+    # kept as 3x3 factors: the dense (3, 3C, 3C) matrices are only built if something asks for them
+    # (this adapter's penalty and projection never do; at VN-DGCNN widths they would take ~100 MB a layer)
     L = so3_basis(torch.float64)
-    ki = torch.stack([torch.kron(a, torch.eye(c_in, dtype=torch.float64)) for a in L])
-    ko = torch.stack([torch.kron(a, torch.eye(c_out, dtype=torch.float64)) for a in L])
+    ki, ko = KronGenerators(L, c_in), KronGenerators(L, c_out)
     gi = go = None
     if group == "O(3)":
-        P = _mirror(torch.float64)[0]
-        gi = torch.kron(P, torch.eye(c_in, dtype=torch.float64))[None]
-        go = torch.kron(P, torch.eye(c_out, dtype=torch.float64))[None]
+        P = _mirror(torch.float64)[:1]
+        gi, go = KronGenerators(P, c_in), KronGenerators(P, c_out)
     return Symmetry(3 * c_in, 3 * c_out, lie_in=ki, lie_out=ko, group_in=gi, group_out=go, name=group)
 
 
