@@ -113,3 +113,23 @@ def test_timing_only_mode(tmp_path):
     assert t["standard"]["ratio_min"] == 1.0 and t["relaxed"]["ratio_min"] > 0
     assert t["relaxed"]["params"] > t["standard"]["params"]
     assert list(tmp_path.glob("timing_dgcnn_*.json"))
+
+
+def test_dual_and_lowrank_arms_run_end_to_end(tmp_path):
+    from examples.pointcloud import run
+
+    tiny = ["--steps", "2", "--seeds", "1", "--eval-every", "1", "--per-class", "1,1,1", "--points", "40",
+            "--widths", "4,4,8,8", "--k", "4", "--batch", "8", "--timing-steps", "0", "--equiv-samples", "4",
+            "--workers", "1"]  # --quick without its fixed step count
+    result = run.main([*tiny, "--arms", "standard,dual,lowrank,drop", "--out", str(tmp_path)])
+    assert list(result["summary"]) == ["standard", "dual", "lowrank", "drop"]
+    runs = {r["arm"]: r for r in result["runs"]}
+    for arm, r in runs.items():
+        assert r["steps"] == 2 and r["equiv_err"] < 1e-10, arm  # exported models are the projected ones
+    assert runs["drop"]["projection"] == "drop" and runs["lowrank"]["projection"] == "merge"
+    dual = runs["dual"]["dual"]
+    assert set(dual["gammas"]) == set(dual["duals"]) and len(dual["gammas"]) > 0
+    assert all(v > 0 for v in dual["duals"].values())  # γ ≈ 1 > 0: dual ascent raised every λ_i
+    assert runs["dual"]["n_params_trained"] == runs["drop"]["n_params_trained"] + len(dual["gammas"])
+    assert runs["standard"]["n_params_trained"] < runs["lowrank"]["n_params_trained"] < runs["drop"]["n_params_trained"]
+    assert "duals_mean" in result["summary"]["dual"]

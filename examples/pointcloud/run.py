@@ -17,6 +17,12 @@ Protocol (``/work/shared/docs/benchmarks.md`` §2):
   - ``relaxed_nolie``: the same without the Lie-derivative penalty (ablation);
   - ``relaxed_const``: θ = 1 until the last step (``Constant`` schedule), the abrupt projection (ablation);
   - ``relaxed_lowrank`` (not in the default list): W of rank ``--rank``;
+  - ablation arms (``docs/ablation.md``, not in the default list), each differing from ``relaxed`` in
+    one thing: ``no_norm`` (λ_N = 0); ``dual`` (no schedule: θ learned per layer by
+    ``rp.DualAscentTheta(model, init=--dual-init, dual_lr=--dual-lr)``, created after ``relax`` and
+    before the optimiser, ``dual.penalty()`` in the loss, ``dual.step()`` after ``optimizer.step()``,
+    ``dual.finish()`` at the end); ``drop`` (selection and export with ``project(merge=False)``);
+    ``lowrank`` (``rp.relax(model, rank=4)``);
 
 * validation selection: every ``--eval-every`` steps and at the last step the model is evaluated on
   the validation split; relaxed models are evaluated **after projection** (a deep copy, ``project(
@@ -62,8 +68,14 @@ ARMS: dict[str, dict[str, Any]] = {
     "relaxed_nolie": {"relax": True, "schedule": "triangular", "lie": 0.0, "norm": None},
     "relaxed_const": {"relax": True, "schedule": "constant", "lie": None, "norm": None},
     "relaxed_lowrank": {"relax": True, "schedule": "triangular", "lie": None, "norm": None, "rank": "cli"},
+    # ablation arms (docs/ablation.md): one difference from ``relaxed`` each
+    "no_norm": {"relax": True, "schedule": "triangular", "lie": None, "norm": 0.0},
+    "dual": {"relax": True, "schedule": "learned", "lie": None, "norm": None, "dual": True},
+    "drop": {"relax": True, "schedule": "triangular", "lie": None, "norm": None, "merge": False},
+    "lowrank": {"relax": True, "schedule": "triangular", "lie": None, "norm": None, "rank": 4},
 }
 DEFAULT_ARMS = ("standard", "relaxed", "relaxed_nolie", "relaxed_const")
+ABLATION_ARMS = ("standard", "relaxed", "no_norm", "dual", "drop", "lowrank")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--norm", type=float, default=0.01)
     p.add_argument("--form", default="paper", choices=["sqrt", "mean", "paper"])
     p.add_argument("--rank", type=int, default=8, help="rank of W in the relaxed_lowrank arm")
+    p.add_argument("--dual-init", type=float, default=1.0, help="initial γ_i of the dual arm")
+    p.add_argument("--dual-lr", type=float, default=3e-3, help="dual step η of the dual arm (see docs/ablation.md)")
+    p.add_argument("--probe-pull", type=int, default=0,
+                   help="only measure the task's pull |dL/dθ_i| over this many steps (relaxed, θ = 1, η = 0)")
     p.add_argument("--workers", type=int, default=2, help="parallel runs (one thread each)")
     p.add_argument("--timing-steps", type=int, default=20, help="interleaved timing pairs (0: skip)")
     p.add_argument("--timing-only", action="store_true", help="only the interleaved timing phase, no training")
@@ -111,11 +127,22 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def arm_options(arm: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Options of an arm with the CLI defaults filled in.
+
+    Example:
+        >>> a = parse_args(["--arms", "drop,lowrank,dual,no_norm"])
+        >>> arm_options("drop", a)["merge"], arm_options("lowrank", a)["rank"], arm_options("dual", a)["dual"]
+        (False, 4, True)
+        >>> arm_options("no_norm", a)["norm"], arm_options("relaxed", a)["merge"]
+        (0.0, True)
+    """
     o = dict(ARMS[arm])
     if o["relax"]:
         o["lie"] = args.lie if o["lie"] is None else o["lie"]
         o["norm"] = args.norm if o["norm"] is None else o["norm"]
-        o["rank"] = args.rank if o.get("rank") == "cli" else None
+        o["rank"] = args.rank if o.get("rank") == "cli" else o.get("rank")
+        o.setdefault("merge", True)
+        o.setdefault("dual", False)
     return o
 
 
@@ -171,10 +198,16 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(seed)  # same initial base weights for every arm of this seed
     model = build_model(args.model, len(CLASSES), **model_kwargs(args))
     relaxed = opts["relax"]
+    dual: Any = None
     if relaxed:
         rp.relax(model, adapters=["vn"], rank=opts["rank"])
-        sched = rp.schedules.as_schedule(opts["schedule"], total=args.steps)
+        if opts["dual"]:
+            # γ_i become parameters: after relax, before the optimiser is built
+            dual = rp.DualAscentTheta(model, init=args.dual_init, dual_lr=args.dual_lr)
+        else:
+            sched = rp.schedules.as_schedule(opts["schedule"], total=args.steps)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    n_trained = sum(p.numel() for p in model.parameters())  # γ_i included for the dual arm
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / args.steps)))
     g = torch.Generator().manual_seed(1000 + seed)  # same batch order for every arm of this seed
     order = torch.cat([torch.randperm(len(xtr), generator=g) for _ in range(args.steps * args.batch // len(xtr) + 1)])
@@ -185,24 +218,31 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
     curves: dict[str, list] = {v: [] for v in variants}
     losses, step_times = [], []
     mid_equiv = None
+    gamma_curve: list = []
     bar = tqdm(range(args.steps), desc=f"{arm} s{seed}", leave=False, disable=job.get("quiet", False))
     for i in bar:
-        if relaxed:
+        if relaxed and dual is None:
             rp.set_theta(model, sched(i))
         idx = order[i * args.batch: (i + 1) * args.batch]
         t0 = time.perf_counter()
         logits = model(xtr[idx])
         loss = F.cross_entropy(logits, ytr[idx])
         total = loss + (rp.penalty(model, lie=opts["lie"], norm=opts["norm"], form=args.form) if relaxed else 0.0)
+        if dual is not None:
+            total = total + dual.penalty()
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
+        if dual is not None:
+            dual.step()
         lr_sched.step()
         step_times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
         if relaxed and i == args.steps // 2:
             mid_equiv = equivariance_error(model, xte[: args.equiv_samples], seed=seed)
         if i in evals:
+            if dual is not None:
+                gamma_curve.append((i + 1, dual.gammas(), dual.duals()))
             for v in variants:
                 m = projected_copy(model, relaxed, merge=(v == "merge"))
                 acc = accuracy(m, xva, yva)
@@ -210,7 +250,17 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
                 if acc > best[v]["val"]:
                     best[v] = {"val": acc, "step": i + 1, "state": copy.deepcopy(m.state_dict())}
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", val=f"{curves[variants[0]][-1][1]:.3f}")
-    final = projected_copy(model, relaxed, merge=True)
+    key = ("merge" if opts["merge"] else "drop") if relaxed else "plain"
+    extra: dict[str, Any] = {}
+    if dual is not None:
+        # the last-step model is projected like the checkpoints (θ·P(W) merged at the learned γ);
+        # finish() then turns γ back into buffers with θ = 0, as in examples/nbody
+        extra["dual"] = {"gammas": dual.gammas(), "duals": dual.duals(), "curve": gamma_curve,
+                         "dual_lr": args.dual_lr, "init": args.dual_init}
+        final = projected_copy(model, relaxed, merge=key != "drop")
+        dual.finish()
+    else:
+        final = projected_copy(model, relaxed, merge=key != "drop")
     result = {
         "arm": arm,
         "seed": seed,
@@ -221,8 +271,9 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
         "train_loss_last20": float(np.mean(losses[-20:])),
         "relaxed_mid_equiv_err": mid_equiv,
         "curves": curves,
-        "n_params_trained": sum(p.numel() for p in model.parameters()),
+        "n_params_trained": n_trained,
         "n_params_exported": sum(p.numel() for p in final.parameters()),
+        **extra,
     }
     for v in variants:
         final.load_state_dict(best[v]["state"])
@@ -230,9 +281,46 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
         result[f"{v}_best_step"] = best[v]["step"]
         result[f"{v}_test_acc"] = accuracy(final, xte, yte)
         result[f"{v}_equiv_err"] = equivariance_error(final, xte[: args.equiv_samples], seed=seed + 1)
-    key = "merge" if relaxed else "plain"
+    result["projection"] = key
     result["test_acc"], result["equiv_err"] = result[f"{key}_test_acc"], result[f"{key}_equiv_err"]
     return result
+
+
+def probe_pull(args: argparse.Namespace, steps: int, seed: int = 0, window: int = 10) -> dict[str, Any]:
+    """The task's pull on θ: per-layer |∂L/∂θ_i| of the relaxed model at θ = 1 with η = 0 (no dual ascent).
+
+    Same data, batches and optimiser as the ``dual`` arm of ``seed``; L is the training loss with the
+    arm's penalties. Returns per layer the median |∂L/∂θ_i| of each ``window``-step window and the mean
+    signed gradient (negative: the data push θ up).
+    """
+    torch.set_num_threads(1)
+    data = make_dataset(tuple(int(v) for v in args.per_class.split(",")), seed=args.data_seed,
+                        n_points=args.points, rotation=args.rotation)
+    xtr, ytr = data["train"]
+    torch.manual_seed(seed)
+    model = rp.relax(build_model(args.model, len(CLASSES), **model_kwargs(args)), adapters=["vn"])
+    dual = rp.DualAscentTheta(model, init=1.0, dual_lr=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    g = torch.Generator().manual_seed(1000 + seed)
+    order = torch.cat([torch.randperm(len(xtr), generator=g) for _ in range(steps * args.batch // len(xtr) + 1)])
+    grads: dict[str, list[float]] = {name: [] for name, _ in dual.layers}
+    for i in tqdm(range(steps), desc="probe"):
+        idx = order[i * args.batch: (i + 1) * args.batch]
+        loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+        loss = loss + rp.penalty(model, lie=args.lie, norm=args.norm, form=args.form) + dual.penalty()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for name, layer in dual.layers:
+            grads[name].append(float(layer.theta.grad))
+        for _, layer in dual.layers:
+            layer.theta.grad = None  # keep θ = 1: measure the pull, do not follow it
+        opt.step()
+    out = {}
+    for name, gs in grads.items():
+        a = np.abs(np.array(gs))
+        out[name] = {"window_medians": [float(np.median(a[j: j + window])) for j in range(0, len(a), window)],
+                     "mean_signed": float(np.mean(gs))}
+    return out
 
 
 def timing_phase(args: argparse.Namespace) -> dict[str, Any]:
@@ -300,6 +388,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             s["drop_test_acc"] = list(_mean_std([r["drop_test_acc"] for r in rs]))
             s["drop_equiv_err_max"] = max(r["drop_equiv_err"] for r in rs)
             s["relaxed_mid_equiv_err_min"] = min(r["relaxed_mid_equiv_err"] for r in rs)
+        if all("dual" in r for r in rs):
+            layers = list(rs[0]["dual"]["gammas"])
+            s["gammas_final_mean"] = {k: float(np.mean([r["dual"]["gammas"][k] for r in rs])) for k in layers}
+            s["duals_mean"] = {k: float(np.mean([r["dual"]["duals"][k] for r in rs])) for k in layers}
         out[arm] = s
     return out
 
@@ -356,7 +448,7 @@ def plot(summary: dict[str, Any], runs: list[dict[str, Any]], path: Path, title:
     a.set_ylabel("test accuracy (%) at best val, projected")
     a.set_ylim(max(0, min(means) - 15), min(100, max(means) + 10))
     for arm in arms:
-        key = "merge" if "merge" in runs[[r["arm"] for r in runs].index(arm)]["curves"] else "plain"
+        key = runs[[r["arm"] for r in runs].index(arm)].get("projection", "plain")
         cs = [r["curves"][key] for r in runs if r["arm"] == arm]
         steps = [s for s, _ in cs[0]]
         b.plot(steps, [100 * np.mean([c[j][1] for c in cs]) for j in range(len(steps))], marker="o", label=arm)
@@ -375,6 +467,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.probe_pull > 0:
+        pull = probe_pull(args, args.probe_pull)
+        (out_dir / f"probe_pull_{args.model}.json").write_text(json.dumps(pull, indent=1))
+        for name, v in pull.items():
+            sys.stdout.write(f"{name:28s} median|dL/dθ| per window: "
+                             + " ".join(f"{m:.1e}" for m in v["window_medians"]) + f"  mean {v['mean_signed']:+.1e}\n")
+        return {"config": vars(args), "probe_pull": pull}
     timing = timing_phase(args) if args.timing_steps > 0 else None
     if args.timing_only:
         if timing is None:
