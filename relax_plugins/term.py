@@ -110,7 +110,9 @@ class LinearRelaxation(RelaxationTerm):
         d_in, d_out = symmetry.dim_in, symmetry.dim_out
         self.rank = rank
         if rank is None:
-            self.weight = nn.Parameter(torch.randn(d_out, d_in) * init_std)
+            # zeros without drawing: relax() must not shift the user's global random stream
+            init = torch.randn(d_out, d_in) * init_std if init_std > 0 else torch.zeros(d_out, d_in)
+            self.weight = nn.Parameter(init)
         else:
             if rank < 1:
                 raise ValueError(f"rank must be >= 1, got {rank}")

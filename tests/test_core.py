@@ -492,3 +492,12 @@ def test_kron_generators_materialise_only_when_used():
     assert torch.equal(lazy.lie_out, dense.lie_out)
     with pytest.raises(ValueError, match="dimension"):
         rp.Symmetry(5, 4, lie_in=KronGenerators(J, 3), lie_out=KronGenerators(J, 2))
+
+
+def test_relax_does_not_consume_the_global_random_stream():
+    model = so2_model()
+    torch.manual_seed(5)
+    rp.relax(model)
+    after_relax = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after_relax)
