@@ -261,7 +261,11 @@ def test_projection_report_fields():
     assert set(report) == {"0", "2"}
     r = report["0"]
     assert r["theta"] == 0.5 and 0 < r["rel_weight_error"] < 1 and r["lie_defect"] > 0
-    assert 0 < r["rel_output_error"] <= r["relax_ratio"] * 1.0001
+    term = model[0].term
+    W = term.dense().detach()
+    y_norm = term._y.norm()
+    assert r["relax_ratio"] == pytest.approx(float(0.5 * (term._x @ W.T).norm() / y_norm))
+    assert r["rel_output_error"] == pytest.approx(float(0.5 * (term._x @ (W - term.project_dense(W)).T).norm() / y_norm))
 
 
 def test_root_layer_relax_and_project():
