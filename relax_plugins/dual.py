@@ -3,9 +3,11 @@
 Instead of a fixed schedule, every relaxed layer's θ_i becomes a learnable γ_i ≥ 0 and training
 solves  min L(w, γ)  subject to  γ_i = 0  through its Lagrangian L + Σ_i λ_i γ_i: primal descent on
 the weights and γ (your optimiser), dual ascent λ_i ← max(0, λ_i + η γ_i) (this class). γ_i only
-comes down once λ_i outweighs the task's pull −∂L/∂γ_i, so the final λ_i measures how hard layer i's
-data pulled away from the symmetry — a per-layer symmetry-breaking diagnostic. Keep η small
-enough for that pull to matter (with Adam, γ moves at the learning rate whatever the gradient size).
+comes down once λ_i outweighs the task's pull −∂L/∂γ_i, and λ_i = η Σ_t γ_i(t) records how long
+layer i kept its relaxation. ACE reads the duals as a per-layer symmetry-breaking diagnostic; here,
+with Adam on a toy SO(2) task (symmetric teacher vs. a fixed-direction target, 5 seeds), they did not
+separate the two cases, so treat them as a record, not a verdict. Keep η small against the task's
+pull (with Adam, γ moves at about the learning rate per step whatever the gradient size).
 
 The *resilient* variant relaxes the constraint to γ_i ≤ u_i with a learned slack u_i ≥ 0 that costs
 (ρ/2)·u_i²; it ends with γ_i ≈ u_i > 0 where the data are not symmetric, i.e. with a model that is
@@ -87,7 +89,7 @@ class DualAscentTheta:
         return {name: float(layer.theta.detach()) for name, layer in self.layers}
 
     def duals(self) -> dict[str, float]:
-        """Current λ_i per layer: the symmetry-breaking diagnostic."""
+        """Current λ_i per layer (η times the accumulated γ_i)."""
         return dict(self.lambdas)
 
     def penalty(self) -> Tensor:

@@ -50,15 +50,21 @@ def test_theta_becomes_learnable_and_is_driven_to_zero():
     rp.project(model)
 
 
-def test_duals_are_larger_where_the_data_break_the_symmetry():
-    lambdas = {}
-    for symmetric in (True, False):
-        model, x, y = model_and_data(symmetric)
-        # a small dual step lets the task's pull on γ show before λ wins
-        dual = rp.DualAscentTheta(model, init=1.0, dual_lr=0.005)
-        train(model, x, y, dual, steps=300)
-        lambdas[symmetric] = max(dual.duals().values())
-    assert lambdas[False] > 1.2 * lambdas[True]
+def test_duals_accumulate_the_constraint_violation():
+    """λ_i = η Σ_t γ_i(t) (γ ≥ 0, so λ never decreases). ACE reads λ as a symmetry-breaking
+    diagnostic; with Adam on a toy SO(2) task it did not separate symmetric from non-symmetric targets
+    over 5 seeds (see the class docstring), so only the accounting is asserted here."""
+    model, x, y = model_and_data(symmetric=False)
+    dual = rp.DualAscentTheta(model, init=1.0, dual_lr=0.005)
+    gammas = train(model, x, y, dual, steps=50)
+    for name, lam in dual.duals().items():
+        assert lam == pytest.approx(0.005 * sum(g[name] for g in gammas), rel=1e-9)
+    lambdas = [0.0]
+    dual2 = rp.DualAscentTheta(model_and_data(symmetric=False)[0], dual_lr=0.005)
+    for _ in range(3):
+        dual2.step()
+        lambdas.append(dual2.duals()["0"])
+    assert lambdas == sorted(lambdas)
 
 
 def test_resilient_keeps_slack_and_warns():
