@@ -192,6 +192,20 @@ def _as_apply(W: Tensor | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tens
     return W if callable(W) else (lambda v: v @ W.T)
 
 
+def _defect(
+    W: Tensor | Callable[[Tensor], Tensor], x: Tensor, g_in: Tensor, g_out: Tensor, Wx: Tensor | None
+) -> Tensor:
+    """Σ_k ||W g_in[k] x − g_out[k] W x||² per sample, one generator at a time (generator-major)."""
+    if g_in.shape[0] == 0:
+        return x.new_zeros(x.shape[0])
+    apply = _as_apply(W)
+    if Wx is None:
+        Wx = apply(x)
+    gx = torch.einsum("kij,nj->kni", g_in.to(x.dtype), x)  # (k, n, d_in)
+    d = apply(gx) - torch.einsum("kij,nj->kni", g_out.to(Wx.dtype), Wx)
+    return d.square().sum(dim=(0, 2))
+
+
 def lie_defect(W: Tensor | Callable[[Tensor], Tensor], x: Tensor, sym: Symmetry, Wx: Tensor | None = None) -> Tensor:
     """Per-sample squared Lie derivative Σ_k ||W dρ_in(A_k) x − dρ_out(A_k) W x||².
 
@@ -214,14 +228,7 @@ def lie_defect(W: Tensor | Callable[[Tensor], Tensor], x: Tensor, sym: Symmetry,
         >>> lie_defect(torch.eye(2), torch.randn(5, 2), sym).abs().max().item()
         0.0
     """
-    if sym.num_lie == 0:
-        return x.new_zeros(x.shape[0])
-    apply = _as_apply(W)
-    if Wx is None:
-        Wx = apply(x)
-    Ax = torch.einsum("kij,nj->kni", sym.lie_in.to(x.dtype), x)  # (k, n, d_in): generator-major
-    d = apply(Ax) - torch.einsum("kij,nj->kni", sym.lie_out.to(Wx.dtype), Wx)
-    return d.square().sum(dim=(0, 2))
+    return _defect(W, x, sym.lie_in, sym.lie_out, Wx)
 
 
 def group_defect(W: Tensor | Callable[[Tensor], Tensor], x: Tensor, sym: Symmetry, Wx: Tensor | None = None) -> Tensor:
@@ -234,14 +241,7 @@ def group_defect(W: Tensor | Callable[[Tensor], Tensor], x: Tensor, sym: Symmetr
         >>> group_defect(torch.ones(2, 2), torch.randn(3, 2), sym).abs().max().item()
         0.0
     """
-    if sym.num_group == 0:
-        return x.new_zeros(x.shape[0])
-    apply = _as_apply(W)
-    if Wx is None:
-        Wx = apply(x)
-    gx = torch.einsum("kij,nj->kni", sym.group_in.to(x.dtype), x)
-    d = apply(gx) - torch.einsum("kij,nj->kni", sym.group_out.to(Wx.dtype), Wx)
-    return d.square().sum(dim=(0, 2))
+    return _defect(W, x, sym.group_in, sym.group_out, Wx)
 
 
 def constraint_matrix(sym: Symmetry) -> Tensor:
