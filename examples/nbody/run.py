@@ -57,6 +57,11 @@ import torch
 
 ARMS = ("standard", "relaxed", "no_lie", "constant", "linear_decay")
 ABLATION_ARMS = ARMS + ("no_norm", "dual", "dual_resilient", "drop", "lowrank")
+# the paper-length evidence (issue 15): `matched` replays the same seed's dual θ trajectory as a fixed
+# schedule, the control that separates the dual mechanism from an early decay of θ
+EVIDENCE_ARMS = ("standard", "dual", "relaxed", "matched", "recm")
+ALL_ARMS = ABLATION_ARMS + ("matched", "recm")
+THETA_TRACE_EVERY = 50  # steps between recorded mean θ values (what `matched` replays)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ≈ 10-15 min on 2 free cores (two arms side by side, one thread each)
@@ -65,9 +70,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # make demo: ≲ 4 min on 2 cores
     "quick": dict(n_train=500, n_valid=200, n_test=500, steps=300, batch=50, lr=3e-3, hidden="8x0e + 4x1o",
                   layers=3, eval_every=50, seeds=1, workers=2, timing_steps=8),
-    # the published protocol: 3000 trajectories, 1000 epochs of batch 100, lr 5e-4 (GPU)
+    # the published protocol: 3000 trajectories, 1000 epochs of batch 100, Adam lr 5e-4, no lr schedule (GPU)
     "gpu": dict(n_train=3000, n_valid=2000, n_test=2000, steps=30000, batch=100, lr=5e-4, hidden="64x0e + 32x1o",
-                layers=4, eval_every=300, seeds=3, workers=1),
+                layers=4, eval_every=300, seeds=3, workers=1, lr_schedule="none", arms=EVIDENCE_ARMS,
+                checkpoint_every=1000),
+    # the published protocol's length and optimiser on CPU, with the CPU-sized model (≈ 30 min/run/core);
+    # resumable: every finished run writes its JSON, a running one checkpoints every `checkpoint_every` steps
+    "paper": dict(n_train=3000, n_valid=1000, n_test=2000, steps=30000, batch=100, lr=5e-4, hidden="16x0e + 8x1o",
+                  layers=4, eval_every=500, seeds=3, workers=2, lr_schedule="none", arms=EVIDENCE_ARMS,
+                  checkpoint_every=500, out="results/nbody_paper"),
 }
 
 
@@ -85,6 +96,8 @@ class Config:
     hidden: str = "16x0e + 8x1o"
     layers: int = 4
     eval_every: int = 100
+    checkpoint_every: int = 0  # 0: no mid-run checkpoints (short presets)
+    lr_schedule: str = "cosine"  # "cosine" (to 0 over the run) or "none" (the published protocol)
     seeds: int = 3
     workers: int = 2
     arms: tuple[str, ...] = ARMS
@@ -144,9 +157,11 @@ def arm_spec(arm: str, cfg: Config) -> dict[str, Any]:
         "dual_resilient": dict(base, schedule="learned", dual="resilient"),
         "drop": dict(base, merge=False),
         "lowrank": dict(base, rank=cfg.lowrank_rank),
+        "matched": dict(base, schedule="matched"),
+        "recm": dict(base, schedule="learned", dual="recm"),
     }
     if arm not in specs:
-        raise ValueError(f"unknown arm {arm!r}; choose from {ABLATION_ARMS}")
+        raise ValueError(f"unknown arm {arm!r}; choose from {ALL_ARMS}")
     return specs[arm]
 
 
@@ -160,8 +175,9 @@ def arm_label(arm: str, cfg: Config) -> str:
     spec = arm_spec(arm, cfg)
     if spec["schedule"] is None:
         return "–"
-    parts = ["learned (dual" + (", resilient)" if spec["dual"] == "resilient" else ")")
-             if spec["dual"] else spec["schedule"]]
+    policy = {"plain": "learned (dual)", "resilient": "learned (dual, resilient)", "recm": "learned (RECM)"}
+    parts = [policy[spec["dual"]] if spec["dual"] else
+             ("dual's mean θ (same seed)" if spec["schedule"] == "matched" else spec["schedule"])]
     if spec["lie"] != cfg.lambda_lie:
         parts.append(f"λ_LD={spec['lie']:g}")
     if spec["norm"] != cfg.lambda_norm:
@@ -250,18 +266,73 @@ def _penalty_parts(model: torch.nn.Module) -> tuple[float, float]:
     return lie, norm
 
 
+def _theta_policy(model: torch.nn.Module, kind: str, cfg: Config) -> Any:
+    """The learned-θ policy of an arm (built before the optimiser: its γ_i are parameters)."""
+    import relax_plugins as rp
+
+    if kind == "recm":
+        return rp.LearnedModulation(model, **cfg.extra.get("recm", {}))
+    return rp.DualAscentTheta(model, init=cfg.dual_init, dual_lr=cfg.dual_lr, resilient=kind == "resilient",
+                              slack_cost=cfg.slack_cost, slack_lr=cfg.slack_lr)
+
+
+def matched_schedule(cfg: Config, seed: int) -> Any:
+    """θ(step) replaying the mean γ trace of the same seed's finished ``dual`` run (linear between the
+    recorded points, 0 after its last point and exactly 0 at the last step).
+
+    Raises:
+        FileNotFoundError: the dual run of this seed has not finished yet.
+    """
+    dual = json.loads(_run_path(Path(cfg.out), "dual", seed).read_text())
+    trace = dual["theta_trace"]
+    every = dual.get("theta_trace_every", THETA_TRACE_EVERY)
+
+    def theta(step: int) -> float:
+        if step >= cfg.steps - 1:
+            return 0.0
+        k, frac = divmod(step, every)
+        if k + 1 >= len(trace):
+            return float(trace[-1]) if k < len(trace) else 0.0
+        return float(trace[k] + (trace[k + 1] - trace[k]) * frac / every)
+
+    return theta
+
+
+def _run_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a configuration that one run's numbers depend on (not which other runs exist)."""
+    skip = ("workers", "arms", "seeds", "timing_steps", "extra")
+    return {k: v for k, v in config.items() if k not in skip} | {"recm": config.get("extra", {}).get("recm")}
+
+
+def _ckpt_path(cfg: Config, arm: str, seed: int) -> Path:
+    return Path(cfg.out) / "ckpt" / f"{arm}_seed{seed}.pt"
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+
+
 def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[str, Any]:
     """Train one (arm, seed) and return its metrics (see the module docstring).
 
+    With ``cfg.checkpoint_every > 0`` the run saves its whole state (model, optimiser, lr schedule,
+    θ policy, batch generator and data order, history, best checkpoint) every that many steps to
+    ``OUT/ckpt/<arm>_seed<seed>.pt`` and, when started again, continues from it: the resumed run
+    computes exactly what an uninterrupted one would.
+
     Args:
         cfg: the run's configuration.
-        arm: a name from :data:`ABLATION_ARMS`.
+        arm: a name from :data:`ALL_ARMS`.
         seed: initial weights; batches and rotations use their own generator seeded from it.
         progress: anything with ``put(n)`` (a queue), told about every optimiser step.
 
     Returns:
         A JSON-serialisable record: test MSE of the best projected checkpoint, its equivariance
-        error, step times, the validation history and, for the dual arms, ``dual`` (final per-layer
+        error, step times, the validation history, ``theta_trace`` (mean θ every
+        :data:`THETA_TRACE_EVERY` steps) and, for the learned-θ arms, ``dual`` (final per-layer
         λ_i, γ_i and slacks) and, for ``dual_resilient``, ``unprojected`` (test MSE and equivariance
         error of the final model before projection, θ > 0: only approximately equivariant).
     """
@@ -276,53 +347,82 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
     model = build_model(cfg, seed, device)
     plain = build_model(cfg, seed, device)  # receives the projected weights for evaluation
     relaxed = spec["schedule"] is not None
-    dual: Any = None
+    policy: Any = None
+    sched: Any = None
     if relaxed:
         rp.relax(model, adapters=["e3nn"], rank=spec["rank"])
         if spec["dual"]:
-            # γ_i become parameters: before the optimiser is built
-            dual = rp.DualAscentTheta(model, init=cfg.dual_init, dual_lr=cfg.dual_lr,
-                                      resilient=spec["dual"] == "resilient", slack_cost=cfg.slack_cost,
-                                      slack_lr=cfg.slack_lr)
+            policy = _theta_policy(model, spec["dual"], cfg)
+        elif spec["schedule"] == "matched":
+            sched = matched_schedule(cfg, seed)
         else:
             sched = rp.schedules.as_schedule(spec["schedule"], total=cfg.steps, peak=cfg.peak_theta)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_trained = sum(p.numel() for p in model.parameters())
-    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+    if cfg.lr_schedule not in ("cosine", "none"):
+        raise ValueError(f"lr_schedule must be 'cosine' or 'none', got {cfg.lr_schedule!r}")
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps) if cfg.lr_schedule == "cosine" \
+        else None
     # batches and rotations come from their own generator: identical across arms for a seed
     gen = torch.Generator().manual_seed(10_000 + seed)
     n = data["train"]["loc"].shape[0]
-    order, pos = torch.randperm(n, generator=gen), 0
-    history: list[dict[str, Any]] = []
-    step_times: list[float] = []
-    best: dict[str, Any] = {"val": math.inf, "step": -1, "state": None}
+    st: dict[str, Any] = {"step": 0, "order": torch.randperm(n, generator=gen), "pos": 0, "history": [],
+                          "step_times": [], "theta_trace": [], "best": {"val": math.inf, "step": -1, "state": None}}
+    ckpt = _ckpt_path(cfg, arm, seed)
+    if cfg.checkpoint_every > 0 and ckpt.exists():
+        saved = torch.load(ckpt, map_location=device, weights_only=False)  # our own file
+        if _run_config(saved["config"]) != _run_config(asdict(cfg)):
+            raise ValueError(f"{ckpt} was written with another configuration; delete it to start afresh")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        if lr_sched is not None:
+            lr_sched.load_state_dict(saved["lr_sched"])
+        if policy is not None:
+            policy.load_state_dict(saved["policy"])
+        gen.set_state(saved["gen"])
+        torch.set_rng_state(saved["torch_rng"])
+        st = saved["state"]
     tr = data["train"]
+    history, best = st["history"], st["best"]
 
-    def checkpoint(step: int, theta: float) -> None:
+    def current_theta() -> float:
+        if not relaxed:
+            return 0.0
+        return statistics.fmean(policy.gammas().values()) if policy is not None else theta
+
+    def evaluate_checkpoint(step: int) -> None:
         state = rp.projected_state_dict(model, merge=spec["merge"]) if relaxed else model.state_dict()
         plain.load_state_dict(state)
         val = evaluate(plain, data["valid"])
-        rec: dict[str, Any] = {"step": step, "theta": theta, "val_mse": val}
+        rec: dict[str, Any] = {"step": step, "theta": current_theta(), "val_mse": val}
         if relaxed:
             rec["lie_penalty"], rec["norm_penalty"] = _penalty_parts(model)
             rec["relaxed_equiv_error"] = e3_equivariance_error(model, data["valid"], n_systems=8, n_transforms=2)
-        if dual is not None:
-            rec["gammas"], rec["duals"] = dual.gammas(), dual.duals()
+        if isinstance(policy, rp.DualAscentTheta):
+            rec["gammas"], rec["duals"] = policy.gammas(), policy.duals()
+        elif policy is not None:
+            rec["gammas"] = policy.gammas()
         history.append(rec)
         if val < best["val"]:
             best.update(val=val, step=step, state={k: v.detach().clone() for k, v in state.items()})
 
-    def current_theta() -> float:
-        return statistics.fmean(dual.gammas().values())
+    def save_checkpoint() -> None:
+        _save_atomic({"config": asdict(cfg), "model": model.state_dict(), "opt": opt.state_dict(),
+                      "lr_sched": lr_sched.state_dict() if lr_sched is not None else None,
+                      "policy": policy.state_dict() if policy is not None else None,
+                      "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "state": st}, ckpt)
 
-    for step in range(cfg.steps):
-        if relaxed and dual is None:
+    theta = 0.0
+    for step in range(st["step"], cfg.steps):
+        if sched is not None:
             theta = sched(step)
             rp.set_theta(model, theta)
-        if pos + cfg.batch > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + cfg.batch].to(device)
-        pos += cfg.batch
+        if step % THETA_TRACE_EVERY == 0:
+            st["theta_trace"].append(current_theta())
+        if st["pos"] + cfg.batch > n:
+            st["order"], st["pos"] = torch.randperm(n, generator=gen), 0
+        idx = st["order"][st["pos"]:st["pos"] + cfg.batch].to(device)
+        st["pos"] += cfg.batch
         loc, vel, q, tgt = tr["loc"][idx], tr["vel"][idx], tr["charges"][idx], tr["target_loc"][idx]
         if cfg.rotate:
             R = random_rotation(gen, loc.dtype, device)
@@ -333,32 +433,38 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
         loss = (model(loc, vel, q) - tgt).square().mean()
         if relaxed and (spec["lie"] > 0 or spec["norm"] > 0):
             loss = loss + rp.penalty(model, lie=spec["lie"], norm=spec["norm"], form=cfg.penalty_form)
-        if dual is not None:
-            loss = loss + dual.penalty()
+        if policy is not None:
+            loss = loss + policy.penalty()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if dual is not None:
-            dual.step()
-        lr_sched.step()
+        if policy is not None:
+            policy.step()
+        if lr_sched is not None:
+            lr_sched.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        step_times.append(time.perf_counter() - t0)
+        st["step_times"].append(time.perf_counter() - t0)
+        st["step"] = step + 1
         if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
-            checkpoint(step + 1, (current_theta() if dual is not None else theta) if relaxed else 0.0)
+            evaluate_checkpoint(step + 1)
+        if cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0 and step < cfg.steps - 1:
+            save_checkpoint()
         if progress is not None:
             progress.put(1)
 
+    step_times = st["step_times"]
     final_val = history[-1]["val_mse"]
     plain.load_state_dict(best["state"])
     exported = plain
     extra: dict[str, Any] = {}
     if relaxed:
-        if dual is not None:
-            extra["dual"] = {"duals": dual.duals(), "gammas": dual.gammas(), "slacks": dict(dual.slacks)}
+        if policy is not None:
+            extra["dual"] = {"gammas": policy.gammas(), "duals": getattr(policy, "duals", dict)(),
+                             "slacks": dict(getattr(policy, "slacks", {}))}
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                dual.finish()  # θ → fixed buffers: 0 (plain) or the learned γ (resilient)
+                policy.finish()  # θ → fixed buffers: 0 (plain) or the learned γ (resilient)
             extra["dual"]["finish_warned"] = bool(caught)
             if spec["dual"] == "resilient":
                 # the resilient model keeps θ > 0: score it as it is, before any projection
@@ -382,6 +488,8 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
         "n_params": sum(p.numel() for p in exported.parameters()),
         "n_params_trained": n_trained,
         "history": history,
+        "theta_trace": st["theta_trace"],
+        "theta_trace_every": THETA_TRACE_EVERY,
         **extra,
     }
 
@@ -613,7 +721,6 @@ def plot(runs: list[dict[str, Any]], cfg: Config, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:  # matplotlib is an optional extra
         return None
-    import relax_plugins as rp
 
     duals = [a for a in cfg.arms if any(r["arm"] == a and "dual" in r for r in runs)]
     ncol = 3 if duals else 2
@@ -632,12 +739,11 @@ def plot(runs: list[dict[str, Any]], cfg: Config, path: Path) -> Path | None:
         steps = [h["step"] for h in rs[0]["history"]]
         vals = [statistics.fmean(r["history"][i]["val_mse"] for r in rs) for i in range(len(steps))]
         ax1.plot(steps, vals, label=arm, **style)
-        if spec["dual"]:
-            thetas = [statistics.fmean(r["history"][i]["theta"] for r in rs) for i in range(len(steps))]
-            ax2.plot([0, *steps], [cfg.dual_init, *thetas], label=f"{arm} (mean γ)", marker=".", **style)
-        elif spec["schedule"] and arm not in ("drop", "lowrank", "no_norm", "no_lie"):
-            s = rp.schedules.as_schedule(spec["schedule"], total=cfg.steps, peak=cfg.peak_theta)
-            ax2.plot(range(cfg.steps), [s(i) for i in range(cfg.steps)], label=arm, **style)
+        if spec["schedule"] and arm not in ("drop", "lowrank", "no_norm", "no_lie") and "theta_trace" in rs[0]:
+            every = rs[0].get("theta_trace_every", THETA_TRACE_EVERY)
+            trace = [statistics.fmean(r["theta_trace"][i] for r in rs) for i in range(len(rs[0]["theta_trace"]))]
+            label = f"{arm} (mean γ)" if spec["dual"] else arm
+            ax2.plot([i * every for i in range(len(trace))], trace, label=label, **style)
     ax1.set_yscale("log")
     ax1.set_xlabel("optimiser step")
     ax1.set_ylabel("val. MSE, projected model (seed mean)")
@@ -678,20 +784,23 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the small `make demo` configuration")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="cpu (default), quick or gpu")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="cpu (default), quick, paper (30,000 steps, resumable) or gpu")
     for name, typ in (("n-train", int), ("n-valid", int), ("n-test", int), ("steps", int), ("batch", int),
                       ("lr", float), ("hidden", str), ("layers", int), ("eval-every", int), ("seeds", int),
                       ("workers", int), ("lambda-lie", float), ("lambda-norm", float), ("peak-theta", float),
                       ("rank", int), ("threads", int), ("timing-steps", int), ("data-seed", int), ("cache-dir", str),
                       ("out", str), ("weight-decay", float), ("lowrank-rank", int), ("dual-init", float),
-                      ("dual-lr", float), ("slack-cost", float), ("slack-lr", float)):
+                      ("dual-lr", float), ("slack-cost", float), ("slack-lr", float),
+                      ("checkpoint-every", int)):
         p.add_argument(f"--{name}", type=typ, default=None)
-    p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ABLATION_ARMS)}")
+    p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ALL_ARMS)}")
     p.add_argument("--ablation", action="store_true",
                    help=f"all arms ({','.join(ABLATION_ARMS)}); --arms still overrides")
     p.add_argument("--report-only", action="store_true",
                    help="no training: rebuild results.json/png from the per-run files in OUT/runs/")
     p.add_argument("--penalty-form", choices=["sqrt", "mean", "paper"], default=None)
+    p.add_argument("--lr-schedule", choices=["cosine", "none"], default=None)
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--no-merge", action="store_true",
                    help="project by dropping W (default: merge θ·P(W) where the layer can hold it)")
@@ -721,14 +830,61 @@ def _run_path(out: Path, arm: str, seed: int) -> Path:
     return out / "runs" / f"{arm}_seed{seed}.json"
 
 
+def _ready(job: tuple[str, int], done: set[tuple[str, int]]) -> bool:
+    """``matched`` replays the same seed's dual run: it waits for it."""
+    arm, seed = job
+    return arm != "matched" or ("dual", seed) in done
+
+
+def _train_jobs(cfg: Config, todo: list[tuple[str, int]], keep: Any, done: set[tuple[str, int]]) -> None:
+    """Run the (arm, seed) jobs on ``cfg.workers`` processes, each as soon as what it needs exists."""
+    from tqdm import tqdm
+
+    todo = list(todo)
+    if any(a == "matched" and ("dual", s) not in done and ("dual", s) not in todo for a, s in todo):
+        raise ValueError("the matched arm replays the dual arm of the same seed: include 'dual' in --arms")
+    desc = f"nbody {cfg.preset}: {len(todo)} runs"
+    with tqdm(total=len(todo) * cfg.steps, desc=desc, unit="step") as bar:
+        if cfg.workers <= 1:
+            class _Bar:
+                def put(self, n: int) -> None:
+                    bar.update(n)
+
+            while todo:
+                job = next(j for j in todo if _ready(j, done))
+                todo.remove(job)
+                keep(train_one(cfg, *job, _Bar()))
+                done.add(job)
+            return
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with ctx.Manager() as manager:
+            queue = manager.Queue()
+            with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
+                pending: dict[Any, tuple[str, int]] = {}
+                while todo or pending:
+                    while len(pending) < cfg.workers and any(_ready(j, done) for j in todo):
+                        job = next(j for j in todo if _ready(j, done))
+                        todo.remove(job)
+                        pending[pool.submit(_worker, cfg, *job, queue)] = job
+                    while not queue.empty():
+                        bar.update(queue.get())
+                    for f in [f for f in pending if f.done()]:
+                        keep(f.result())
+                        done.add(pending.pop(f))
+                    time.sleep(0.2)
+                while not queue.empty():
+                    bar.update(queue.get())
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train every (arm, seed), then write ``results.json``, ``results.png`` and print the table.
 
-    Every finished run is also written to ``OUT/runs/<arm>_seed<seed>.json`` at once, so an
-    interrupted run can still be reported with ``--report-only``.
+    Every finished run is also written to ``OUT/runs/<arm>_seed<seed>.json`` at once and is not run
+    again when the command is repeated (delete the file to redo it); an interrupted run continues from
+    its checkpoint (``checkpoint_every``). ``--report-only`` rebuilds the tables from the files.
     """
-    from tqdm import tqdm
-
     cfg = parse_args(argv)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -737,45 +893,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jobs = [(arm, seed) for seed in range(cfg.seeds) for arm in cfg.arms]
     runs: list[dict[str, Any]] = []
 
+    run_config = _run_config(asdict(cfg))
+
     def keep(r: dict[str, Any]) -> None:
         runs.append(r)
-        _run_path(out, r["arm"], r["seed"]).write_text(json.dumps(r, indent=1))
+        _run_path(out, r["arm"], r["seed"]).write_text(json.dumps({**r, "run_config": run_config}, indent=1))
 
+    done = {(a, s) for a, s in jobs if _run_path(out, a, s).exists()}
+    for a, s in done:
+        if json.loads(_run_path(out, a, s).read_text()).get("run_config") != json.loads(json.dumps(run_config)):
+            raise ValueError(f"{_run_path(out, a, s)} was trained with another configuration: delete it or "
+                             "choose another --out")
+    if cfg.extra.get("report_only") or done:
+        runs = [json.loads(_run_path(out, a, s).read_text()) for a, s in jobs if (a, s) in done]
+    todo = [] if cfg.extra.get("report_only") else [j for j in jobs if j not in done]
     if cfg.extra.get("report_only"):
-        runs = [json.loads(_run_path(out, a, s).read_text()) for a, s in jobs if _run_path(out, a, s).exists()]
-        missing = [f"{a}/{s}" for a, s in jobs if not _run_path(out, a, s).exists()]
+        missing = [f"{a}/{s}" for a, s in jobs if (a, s) not in done]
         if missing:
             sys.stdout.write(f"report only: missing runs {missing}\n")
         timing = None
     else:
+        if done:
+            sys.stdout.write(f"{len(done)} finished runs found in {out / 'runs'}; {len(todo)} to do\n")
         load_splits(cfg, torch.device("cpu"))  # simulate + cache once, before the workers start
-        total = len(jobs) * cfg.steps
-        desc = f"nbody {cfg.preset}: {len(cfg.arms)} arms x {cfg.seeds} seeds"
-        with tqdm(total=total, desc=desc, unit="step") as bar:
-            if cfg.workers <= 1:
-                class _Bar:
-                    def put(self, n: int) -> None:
-                        bar.update(n)
-
-                for arm, seed in jobs:
-                    keep(train_one(cfg, arm, seed, _Bar()))
-            else:
-                import multiprocessing as mp
-
-                ctx = mp.get_context("spawn")
-                with ctx.Manager() as manager:
-                    queue = manager.Queue()
-                    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
-                        pending = {pool.submit(_worker, cfg, arm, seed, queue) for arm, seed in jobs}
-                        while pending:
-                            while not queue.empty():
-                                bar.update(queue.get())
-                            for f in [f for f in pending if f.done()]:
-                                pending.discard(f)
-                                keep(f.result())
-                            time.sleep(0.2)
-                        while not queue.empty():
-                            bar.update(queue.get())
+        _train_jobs(cfg, todo, keep, done)
         timing = step_time_ratio(cfg, cfg.timing_steps) if cfg.timing_steps > 0 and "standard" in cfg.arms else None
     runs.sort(key=lambda r: (cfg.arms.index(r["arm"]), r["seed"]))
     inference = inference_check(cfg)
