@@ -153,8 +153,9 @@ def test_ablation_arm_specs_build():
 def _tiny_config(**kw):
     from examples.nbody.run import Config
 
-    return Config(n_train=16, n_valid=8, n_test=8, steps=3, batch=8, hidden="4x0e + 2x1o", layers=1, eval_every=3,
-                  seeds=1, workers=1, timing_steps=0, **kw)
+    base = dict(n_train=16, n_valid=8, n_test=8, steps=3, batch=8, hidden="4x0e + 2x1o", layers=1, eval_every=3,
+                seeds=1, workers=1, timing_steps=0)
+    return Config(**{**base, **kw})
 
 
 _N_LAYERS = 1 + 4 * 1 + 2  # every tensor product of a 1-layer SEGNN
@@ -193,3 +194,60 @@ def test_dual_resilient_arm_keeps_theta_and_is_scored_unprojected():
     # θ > 0 after finish(): the unprojected model is only approximately equivariant, the projected one exactly
     assert r["unprojected"]["theta_mean"] > 0 and r["unprojected"]["equivariance_error"] > 1e-6
     assert r["equivariance_error"] < 1e-5
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAfter:
+    """A progress sink that interrupts training after ``k`` optimiser steps (a killed run)."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.n = k, 0
+
+    def put(self, n: int) -> None:
+        self.n += n
+        if self.n == self.k:
+            raise _Interrupt
+
+
+@pytest.mark.parametrize("arm", ["standard", "relaxed", "dual"])
+def test_interrupted_run_resumes_bit_identically(tmp_path, arm):
+    from examples.nbody.run import _ckpt_path, train_one
+
+    kw = dict(steps=7, eval_every=2, checkpoint_every=2, lr_schedule="none", n_train=40)
+    whole = train_one(_tiny_config(out=str(tmp_path / "a"), **kw), arm, seed=0)
+    cfg = _tiny_config(out=str(tmp_path / "b"), **kw)
+    with pytest.raises(_Interrupt):
+        train_one(cfg, arm, seed=0, progress=_StopAfter(5))  # killed after step 5: checkpoint at step 4
+    assert torch.load(_ckpt_path(cfg, arm, 0), weights_only=False)["state"]["step"] == 4
+    resumed = train_one(cfg, arm, seed=0)
+    for key in ("test_mse", "best_val_mse", "best_step", "history", "theta_trace", "equivariance_error"):
+        assert resumed[key] == whole[key], key
+    with pytest.raises(ValueError, match="another configuration"):
+        train_one(_tiny_config(out=str(tmp_path / "b"), **{**kw, "lr": 1e-4}), arm, seed=0)
+
+
+def test_matched_arm_replays_the_dual_theta_trace_and_waits_for_it(tmp_path):
+    from examples.nbody.run import matched_schedule, parse_args
+
+    out, every = tmp_path / "run", 4
+    args = ["--quick", "--steps", str(2 * every + 3), "--theta-trace-every", str(every), "--eval-every", "5",
+            "--seeds", "1", "--workers", "1", "--arms", "matched,dual", "--n-train", "16", "--n-valid", "8",
+            "--n-test", "8", "--batch", "8", "--hidden", "4x0e + 2x1o", "--layers", "1", "--timing-steps", "0",
+            "--out", str(out)]
+    result = main(args)  # `matched` listed first, run after `dual`
+    runs = {r["arm"]: r for r in result["runs"]}
+    dual_trace, matched_trace = runs["dual"]["theta_trace"], runs["matched"]["theta_trace"]
+    assert len(dual_trace) == 3 and dual_trace[0] == 1.0 and dual_trace[2] != dual_trace[0]
+    assert matched_trace == pytest.approx(dual_trace, abs=1e-12)
+    cfg = parse_args(args)
+    theta = matched_schedule(cfg, 0)
+    mid = theta(every // 2)
+    assert mid == pytest.approx((dual_trace[0] + dual_trace[1]) / 2) and theta(cfg.steps - 1) == 0.0
+    # a second call finds both runs finished and trains nothing
+    again = main(args)
+    assert [r["test_mse"] for r in again["runs"]] == [r["test_mse"] for r in result["runs"]]
+    with pytest.raises(ValueError, match="another configuration"):
+        main(args[:-2] + ["--lr", "1e-4", "--out", str(out)])

@@ -61,7 +61,6 @@ ABLATION_ARMS = ARMS + ("no_norm", "dual", "dual_resilient", "drop", "lowrank")
 # schedule, the control that separates the dual mechanism from an early decay of θ
 EVIDENCE_ARMS = ("standard", "dual", "relaxed", "matched", "recm")
 ALL_ARMS = ABLATION_ARMS + ("matched", "recm")
-THETA_TRACE_EVERY = 50  # steps between recorded mean θ values (what `matched` replays)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ≈ 10-15 min on 2 free cores (two arms side by side, one thread each)
@@ -98,6 +97,8 @@ class Config:
     eval_every: int = 100
     checkpoint_every: int = 0  # 0: no mid-run checkpoints (short presets)
     lr_schedule: str = "cosine"  # "cosine" (to 0 over the run) or "none" (the published protocol)
+    theta_trace_every: int = 50  # steps between recorded mean θ values (what `matched` replays)
+    recm: dict[str, Any] | None = None  # keyword arguments of relax_plugins.LearnedModulation (arm `recm`)
     seeds: int = 3
     workers: int = 2
     arms: tuple[str, ...] = ARMS
@@ -271,7 +272,7 @@ def _theta_policy(model: torch.nn.Module, kind: str, cfg: Config) -> Any:
     import relax_plugins as rp
 
     if kind == "recm":
-        return rp.LearnedModulation(model, **cfg.extra.get("recm", {}))
+        return rp.LearnedModulation(model, **(cfg.recm or {}))
     return rp.DualAscentTheta(model, init=cfg.dual_init, dual_lr=cfg.dual_lr, resilient=kind == "resilient",
                               slack_cost=cfg.slack_cost, slack_lr=cfg.slack_lr)
 
@@ -285,7 +286,7 @@ def matched_schedule(cfg: Config, seed: int) -> Any:
     """
     dual = json.loads(_run_path(Path(cfg.out), "dual", seed).read_text())
     trace = dual["theta_trace"]
-    every = dual.get("theta_trace_every", THETA_TRACE_EVERY)
+    every = dual["theta_trace_every"]
 
     def theta(step: int) -> float:
         if step >= cfg.steps - 1:
@@ -299,9 +300,11 @@ def matched_schedule(cfg: Config, seed: int) -> Any:
 
 
 def _run_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of a configuration that one run's numbers depend on (not which other runs exist)."""
-    skip = ("workers", "arms", "seeds", "timing_steps", "extra")
-    return {k: v for k, v in config.items() if k not in skip} | {"recm": config.get("extra", {}).get("recm")}
+    """The part of a configuration that one run's numbers depend on (not which other runs exist, nor
+    where they are written), with defaults for fields that older files lack."""
+    skip = ("workers", "arms", "seeds", "timing_steps", "extra", "out", "cache_dir", "preset")
+    fields = Config.__dataclass_fields__
+    return {k: config.get(k, f.default) for k, f in fields.items() if k not in skip}
 
 
 def _ckpt_path(cfg: Config, arm: str, seed: int) -> Path:
@@ -332,7 +335,7 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
     Returns:
         A JSON-serialisable record: test MSE of the best projected checkpoint, its equivariance
         error, step times, the validation history, ``theta_trace`` (mean θ every
-        :data:`THETA_TRACE_EVERY` steps) and, for the learned-θ arms, ``dual`` (final per-layer
+        ``cfg.theta_trace_every`` steps) and, for the learned-θ arms, ``dual`` (final per-layer
         λ_i, γ_i and slacks) and, for ``dual_resilient``, ``unprojected`` (test MSE and equivariance
         error of the final model before projection, θ > 0: only approximately equivariant).
     """
@@ -417,7 +420,7 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
         if sched is not None:
             theta = sched(step)
             rp.set_theta(model, theta)
-        if step % THETA_TRACE_EVERY == 0:
+        if step % cfg.theta_trace_every == 0:
             st["theta_trace"].append(current_theta())
         if st["pos"] + cfg.batch > n:
             st["order"], st["pos"] = torch.randperm(n, generator=gen), 0
@@ -489,7 +492,7 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
         "n_params_trained": n_trained,
         "history": history,
         "theta_trace": st["theta_trace"],
-        "theta_trace_every": THETA_TRACE_EVERY,
+        "theta_trace_every": cfg.theta_trace_every,
         **extra,
     }
 
@@ -740,7 +743,7 @@ def plot(runs: list[dict[str, Any]], cfg: Config, path: Path) -> Path | None:
         vals = [statistics.fmean(r["history"][i]["val_mse"] for r in rs) for i in range(len(steps))]
         ax1.plot(steps, vals, label=arm, **style)
         if spec["schedule"] and arm not in ("drop", "lowrank", "no_norm", "no_lie") and "theta_trace" in rs[0]:
-            every = rs[0].get("theta_trace_every", THETA_TRACE_EVERY)
+            every = rs[0]["theta_trace_every"]
             trace = [statistics.fmean(r["theta_trace"][i] for r in rs) for i in range(len(rs[0]["theta_trace"]))]
             label = f"{arm} (mean γ)" if spec["dual"] else arm
             ax2.plot([i * every for i in range(len(trace))], trace, label=label, **style)
@@ -792,7 +795,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
                       ("rank", int), ("threads", int), ("timing-steps", int), ("data-seed", int), ("cache-dir", str),
                       ("out", str), ("weight-decay", float), ("lowrank-rank", int), ("dual-init", float),
                       ("dual-lr", float), ("slack-cost", float), ("slack-lr", float),
-                      ("checkpoint-every", int)):
+                      ("checkpoint-every", int), ("theta-trace-every", int)):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ALL_ARMS)}")
     p.add_argument("--ablation", action="store_true",
@@ -901,7 +904,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     done = {(a, s) for a, s in jobs if _run_path(out, a, s).exists()}
     for a, s in done:
-        if json.loads(_run_path(out, a, s).read_text()).get("run_config") != json.loads(json.dumps(run_config)):
+        stored = json.loads(_run_path(out, a, s).read_text()).get("run_config", {})
+        if _run_config(stored) != json.loads(json.dumps(run_config)):
             raise ValueError(f"{_run_path(out, a, s)} was trained with another configuration: delete it or "
                              "choose another --out")
     if cfg.extra.get("report_only") or done:
