@@ -28,6 +28,7 @@ from .errors import (
     UnknownAdapterError,
 )
 from .hookspecs import ENTRY_POINT_GROUP, hookimpl
+from .modulation import LearnedModulation
 from .plugins import (
     DISABLE_AUTOLOAD_ENV,
     AdapterInfo,
@@ -76,6 +77,7 @@ __all__ = [
     "RelaxedModule",
     "RelaxedTraining",
     "DualAscentTheta",
+    "LearnedModulation",
     "RelaxError",
     "AdapterError",
     "AlreadyRelaxedError",
