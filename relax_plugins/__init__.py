@@ -13,6 +13,7 @@ from .api import (
     projected_state_dict,
     projection_report,
     relax,
+    relaxation_parameters,
     relaxed_modules,
     set_theta,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "get_theta",
     "penalty",
     "relaxed_modules",
+    "relaxation_parameters",
     "projection_report",
     "projected_state_dict",
     "equivariance_report",

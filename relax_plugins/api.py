@@ -53,6 +53,31 @@ def relaxed_modules(model: nn.Module) -> Iterator[tuple[str, RelaxedModule]]:
             yield name, mod
 
 
+def relaxation_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that relaxation added (every W, and θ where a policy made it learnable), each
+    once: give them their own optimiser parameter group (e.g. their own learning rate).
+
+    Example:
+        >>> import torch, relax_plugins as rp
+        >>> from relax_toy.layers import SO2Linear
+        >>> m = rp.relax(torch.nn.Sequential(SO2Linear(2, 2)))
+        >>> extra = {id(p) for p in rp.relaxation_parameters(m)}
+        >>> groups = [{"params": [p for p in m.parameters() if id(p) not in extra]},
+        ...           {"params": rp.relaxation_parameters(m), "lr": 1e-4}]
+        >>> opt = torch.optim.Adam(groups, lr=1e-3)
+        >>> sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in m.parameters())
+        True
+    """
+    seen: dict[int, nn.Parameter] = {}
+    for _, layer in relaxed_modules(model):
+        extra = list(layer.term.parameters())
+        if isinstance(layer.theta, nn.Parameter):
+            extra.append(layer.theta)
+        for p in extra:
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
 def _matches(name: str, patterns: Iterable[str] | None) -> bool:
     return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 

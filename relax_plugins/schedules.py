@@ -43,17 +43,37 @@ class Schedule:
 
 
 class Triangular(Schedule):
-    """Up from 0 to ``peak`` at the middle, then down to 0 (the paper's code, which stopped at 2/E;
-    here the last index is exactly 0).
+    """Up from 0 to ``peak`` at fraction ``peak_at`` of training, then down to 0 (the paper's code has
+    the peak in the middle and stopped at 2/E; here the last index is exactly 0).
+
+    Args:
+        total: number of schedule calls.
+        peak: the largest θ.
+        peak_at: where the peak sits, as a fraction of training in (0, 1).
 
     Example:
         >>> s = Triangular(total=5)
         >>> [s(i) for i in range(5)]
         [0.0, 0.5, 1.0, 0.5, 0.0]
+        >>> [round(Triangular(total=5, peak_at=0.25)(i), 6) for i in range(5)]
+        [0.0, 1.0, 0.666667, 0.333333, 0.0]
     """
 
+    def __init__(self, total: int, peak: float = 1.0, peak_at: float = 0.5) -> None:
+        super().__init__(total, peak)
+        if isinstance(peak_at, bool) or not isinstance(peak_at, (int, float)) or not 0.0 < peak_at < 1.0:
+            raise ValueError(f"peak_at must be a number in (0, 1), got {peak_at!r}")
+        self.peak_at = float(peak_at)
+
     def shape(self, t: float) -> float:
-        return 1.0 - abs(2.0 * t - 1.0)
+        a = self.peak_at
+        if a == 0.5:
+            return 1.0 - abs(2.0 * t - 1.0)  # bit for bit the earlier formula: resumed runs stay identical
+        return t / a if t <= a else (1.0 - t) / (1.0 - a)
+
+    def __repr__(self) -> str:
+        extra = "" if self.peak_at == 0.5 else f", peak_at={self.peak_at}"
+        return f"{type(self).__name__}(total={self.total}, peak={self.peak}{extra})"
 
 
 class LinearDecay(Schedule):

@@ -212,7 +212,7 @@ class _StopAfter:
             raise _Interrupt
 
 
-@pytest.mark.parametrize("arm", ["standard", "relaxed", "dual"])
+@pytest.mark.parametrize("arm", ["standard", "relaxed", "dual", "recm"])
 def test_interrupted_run_resumes_bit_identically(tmp_path, arm):
     from examples.nbody.run import _ckpt_path, train_one
 
@@ -236,8 +236,12 @@ def test_matched_arm_replays_the_dual_theta_trace_and_waits_for_it(tmp_path):
     args = ["--quick", "--steps", str(2 * every + 3), "--theta-trace-every", str(every), "--eval-every", "5",
             "--seeds", "1", "--workers", "1", "--arms", "matched,dual", "--n-train", "16", "--n-valid", "8",
             "--n-test", "8", "--batch", "8", "--hidden", "4x0e + 2x1o", "--layers", "1", "--timing-steps", "0",
-            "--out", str(out)]
+            "--out", str(out), "--evidence", str(tmp_path / "evidence.json")]
     result = main(args)  # `matched` listed first, run after `dual`
+    evidence = json.loads((tmp_path / "evidence.json").read_text())
+    assert evidence["protocol"]["steps"] == 2 * every + 3 and evidence["runs_remaining"] == []
+    assert evidence["arms"]["dual"]["seeds"] == [0] and len(evidence["arms"]["matched"]["test_mse"]) == 1
+    assert evidence["default_recipe"] is None  # not chosen from fewer than 3 seeds
     runs = {r["arm"]: r for r in result["runs"]}
     dual_trace, matched_trace = runs["dual"]["theta_trace"], runs["matched"]["theta_trace"]
     assert len(dual_trace) == 3 and dual_trace[0] == 1.0 and dual_trace[2] != dual_trace[0]
@@ -250,4 +254,4 @@ def test_matched_arm_replays_the_dual_theta_trace_and_waits_for_it(tmp_path):
     again = main(args)
     assert [r["test_mse"] for r in again["runs"]] == [r["test_mse"] for r in result["runs"]]
     with pytest.raises(ValueError, match="another configuration"):
-        main(args[:-2] + ["--lr", "1e-4", "--out", str(out)])
+        main(args + ["--lr", "1e-4"])

@@ -77,7 +77,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # resumable: every finished run writes its JSON, a running one checkpoints every `checkpoint_every` steps
     "paper": dict(n_train=3000, n_valid=1000, n_test=2000, steps=30000, batch=100, lr=5e-4, hidden="16x0e + 8x1o",
                   layers=4, eval_every=500, seeds=3, workers=2, lr_schedule="none", arms=EVIDENCE_ARMS,
-                  checkpoint_every=500, out="results/nbody_paper"),
+                  checkpoint_every=500, out="docs/evidence/nbody_paper",
+                  evidence="docs/evidence/nbody_paper_length.json"),
 }
 
 
@@ -106,6 +107,9 @@ class Config:
     lambda_norm: float = 1e-2
     penalty_form: str = "sqrt"
     peak_theta: float = 1.0
+    peak_at: float = 0.5  # where the triangular schedule peaks (fraction of training)
+    init_std: float = 0.0  # std of a random initial W (0: W starts at 0)
+    w_lr: float | None = None  # learning rate of W and learned θ (their own Adam group); None: lr
     rank: int | None = None
     merge: bool = True
     lowrank_rank: int = 4
@@ -120,6 +124,7 @@ class Config:
     data_seed: int = 43
     cache_dir: str | None = None
     out: str = "results/nbody"
+    evidence: str | None = None  # also write the evidence record (see `evidence_record`) to this path
     preset: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -272,7 +277,9 @@ def _theta_policy(model: torch.nn.Module, kind: str, cfg: Config) -> Any:
     import relax_plugins as rp
 
     if kind == "recm":
-        return rp.LearnedModulation(model, **(cfg.recm or {}))
+        # rate ≈ 6/steps: a layer whose relaxation stays unused decays to θ_max·e⁻⁶ by the end
+        kwargs = {"theta_max": cfg.peak_theta, "rate": 6.0 / cfg.steps, "every": 10} | (cfg.recm or {})
+        return rp.LearnedModulation(model, **kwargs)
     return rp.DualAscentTheta(model, init=cfg.dual_init, dual_lr=cfg.dual_lr, resilient=kind == "resilient",
                               slack_cost=cfg.slack_cost, slack_lr=cfg.slack_lr)
 
@@ -302,7 +309,7 @@ def matched_schedule(cfg: Config, seed: int) -> Any:
 def _run_config(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a configuration that one run's numbers depend on (not which other runs exist, nor
     where they are written), with defaults for fields that older files lack."""
-    skip = ("workers", "arms", "seeds", "timing_steps", "extra", "out", "cache_dir", "preset")
+    skip = ("workers", "arms", "seeds", "timing_steps", "extra", "out", "cache_dir", "preset", "evidence")
     fields = Config.__dataclass_fields__
     return {k: config.get(k, f.default) for k, f in fields.items() if k not in skip}
 
@@ -353,14 +360,21 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
     policy: Any = None
     sched: Any = None
     if relaxed:
-        rp.relax(model, adapters=["e3nn"], rank=spec["rank"])
+        rp.relax(model, adapters=["e3nn"], rank=spec["rank"], init_std=cfg.init_std)
         if spec["dual"]:
             policy = _theta_policy(model, spec["dual"], cfg)
         elif spec["schedule"] == "matched":
             sched = matched_schedule(cfg, seed)
+        elif spec["schedule"] == "triangular":
+            sched = rp.schedules.Triangular(total=cfg.steps, peak=cfg.peak_theta, peak_at=cfg.peak_at)
         else:
             sched = rp.schedules.as_schedule(spec["schedule"], total=cfg.steps, peak=cfg.peak_theta)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params: Any = model.parameters()
+    if relaxed and cfg.w_lr is not None:
+        extra = {id(p) for p in rp.relaxation_parameters(model)}
+        params = [{"params": [p for p in model.parameters() if id(p) not in extra]},
+                  {"params": rp.relaxation_parameters(model), "lr": cfg.w_lr}]
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_trained = sum(p.numel() for p in model.parameters())
     if cfg.lr_schedule not in ("cosine", "none"):
         raise ValueError(f"lr_schedule must be 'cosine' or 'none', got {cfg.lr_schedule!r}")
@@ -404,7 +418,7 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
         if isinstance(policy, rp.DualAscentTheta):
             rec["gammas"], rec["duals"] = policy.gammas(), policy.duals()
         elif policy is not None:
-            rec["gammas"] = policy.gammas()
+            rec["gammas"], rec["violations"] = policy.gammas(), policy.violations()
         history.append(rec)
         if val < best["val"]:
             best.update(val=val, step=step, state={k: v.detach().clone() for k, v in state.items()})
@@ -663,6 +677,61 @@ def format_table(summary: dict[str, dict[str, Any]], cfg: Config, timing: dict[s
     return "\n".join(lines)
 
 
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def evidence_record(result: dict[str, Any], missing: list[str]) -> dict[str, Any]:
+    """The evidence file of a comparison: the protocol, per-arm per-seed numbers of the projected models,
+    and the recipe a user should take — the relaxation arm with the lowest mean *validation* MSE once
+    every arm has at least 3 seeds (None before that: the choice is not made on the test set).
+
+    Example:
+        >>> runs = [{"arm": a, "seed": s, "test_mse": m, "best_val_mse": m, "best_step": 1,
+        ...          "equivariance_error": 1e-16} for a, m in (("standard", 1.0), ("dual", 0.5)) for s in range(3)]
+        >>> rec = evidence_record({"config": {"steps": 9}, "runs": runs}, missing=[])
+        >>> rec["arms"]["dual"]["ratio_to_standard"], rec["arms"]["dual"]["seeds_better_than_standard"]
+        (0.5, 3)
+        >>> rec["default_recipe"]
+        'dual'
+    """
+    cfg = result["config"]
+    protocol = {k: cfg.get(k) for k in ("steps", "batch", "lr", "lr_schedule", "weight_decay", "hidden", "layers",
+                                        "rotate", "eval_every", "lambda_lie", "lambda_norm", "penalty_form",
+                                        "dual_init", "dual_lr", "recm", "device")}
+    protocol |= {"train": cfg.get("n_train"), "valid": cfg.get("n_valid"), "test": cfg.get("n_test"),
+                 "commit": _git_commit(), "selection": "best validation MSE of the projected model, tested"}
+    arms: dict[str, Any] = {}
+    by_arm: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(result["runs"], key=lambda r: r["seed"]):
+        by_arm.setdefault(r["arm"], []).append(r)
+    std = {r["seed"]: r["test_mse"] for r in by_arm.get("standard", [])}
+    for arm, rs in by_arm.items():
+        mse = [r["test_mse"] for r in rs]
+        rec: dict[str, Any] = {
+            "seeds": [r["seed"] for r in rs], "test_mse": mse,
+            "test_mse_mean": statistics.fmean(mse), "test_mse_std": statistics.stdev(mse) if len(mse) > 1 else 0.0,
+            "best_val_mse": [r["best_val_mse"] for r in rs], "best_step": [r["best_step"] for r in rs],
+            "equivariance_error": [r["equivariance_error"] for r in rs],
+        }
+        paired = [(r["test_mse"], std[r["seed"]]) for r in rs if r["seed"] in std]
+        if arm != "standard" and paired:
+            rec["ratio_to_standard"] = statistics.fmean(a for a, _ in paired) / statistics.fmean(b for _, b in paired)
+            rec["seeds_better_than_standard"] = sum(a < b for a, b in paired)
+        arms[arm] = rec
+    complete = {a: rs for a, rs in by_arm.items() if len(rs) >= 3}
+    candidates = [a for a in complete if a != "standard"]
+    default = (min(candidates, key=lambda a: statistics.fmean(r["best_val_mse"] for r in complete[a]))
+               if candidates and "standard" in complete else None)
+    return {"protocol": protocol, "arms": arms, "default_recipe": default, "runs_remaining": missing}
+
+
 def _config_of(result: dict[str, Any]) -> Config:
     return Config(**{k: v for k, v in result["config"].items() if k in Config.__dataclass_fields__ and k != "arms"})
 
@@ -795,7 +864,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                       ("rank", int), ("threads", int), ("timing-steps", int), ("data-seed", int), ("cache-dir", str),
                       ("out", str), ("weight-decay", float), ("lowrank-rank", int), ("dual-init", float),
                       ("dual-lr", float), ("slack-cost", float), ("slack-lr", float),
-                      ("checkpoint-every", int), ("theta-trace-every", int)):
+                      ("checkpoint-every", int), ("theta-trace-every", int), ("peak-at", float),
+                      ("init-std", float), ("w-lr", float),
+                      ("evidence", str)):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ALL_ARMS)}")
     p.add_argument("--ablation", action="store_true",
@@ -936,6 +1007,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     (out / "results.json").write_text(json.dumps(result, indent=1))
     png = plot(runs, cfg, out / "results.png")
+    if cfg.evidence:
+        missing = [f"{a}/seed{s}" for a, s in jobs if (a, s) not in done]
+        evidence = Path(cfg.evidence)
+        evidence.parent.mkdir(parents=True, exist_ok=True)
+        evidence.write_text(json.dumps(evidence_record(result, missing), indent=1))
+        if png:
+            evidence.with_suffix(".png").write_bytes(png.read_bytes())
     table = format_table(summary, cfg, timing)
     sys.stdout.write(table + "\n")
     sys.stdout.write(f"inference after project(): {inference}\n")
