@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import math
 import warnings
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .copying import module_copy
 from .errors import (
     AdapterError,
     AlreadyRelaxedError,
@@ -374,8 +374,10 @@ def projected_state_dict(model: nn.Module, merge: bool = False) -> dict[str, Ten
     """The state_dict that ``project(model, merge)`` would have, without changing ``model``.
 
     Keys are those of the original architecture, so the result loads into a model that was never
-    relaxed. Cheaper than projecting a deep copy: only the relaxed base layers are copied (and only
-    when ``merge``).
+    relaxed. No module is deep-copied (escnn's SO(3) layers cannot be): with ``merge``, θ·P(W) is
+    merged into a state copy of each relaxed base layer (:func:`relax_plugins.copying.module_copy`:
+    new parameter and buffer tensors, shared configuration); without it nothing is copied and the
+    returned tensors are the model's own (as with ``state_dict()``).
 
     Example:
         >>> import torch, relax_plugins as rp
@@ -391,7 +393,7 @@ def projected_state_dict(model: nn.Module, merge: bool = False) -> dict[str, Ten
         prefix = f"{name}." if name else ""
         base = layer.base
         if merge:
-            base = copy.deepcopy(base)
+            base = module_copy(base)
             with torch.no_grad():
                 if not layer.term.merge(base, layer.theta):
                     base = layer.base

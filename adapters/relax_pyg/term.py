@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation, PenaltyTerms, Symmetry
+from relax_plugins.term import may_modify_inputs
 
 from .irreps import Field, field_generators, field_parity, irrep_generators
 from .spec import ResolvedSpec
@@ -176,8 +177,13 @@ class PygRelaxation(LinearRelaxation):
         return x
 
     def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = base(*args, **kwargs)
+        # inputs are read BEFORE the base layer runs: layers such as the official EGNN's E_GCL_vel
+        # update coord in place, and W must act on x, not on g(x). Concatenated or centred inputs are
+        # fresh tensors already; only a lone uncentred input is a view of the argument and is cloned
         x = self.take_input(args, kwargs)
+        if len(self.spec.inputs) == 1 and not self.spec.inputs[0][2].is_pos and may_modify_inputs(base):
+            x = x.clone()
+        out = base(*args, **kwargs)
         wx = self.apply_weight(x)
         outs = list(out) if self.spec.is_tuple else [out]
         if len(outs) != len(self.spec.outputs):
