@@ -15,7 +15,12 @@ and the model is not touched. Only when the parent's source cannot be read (clas
 ``exec``) a bias-free Linear is claimed by its attribute name, one of :data:`VN_LINEAR_NAMES` (or
 ``adapter_options={"vn_names": [...]}``).
 
-Layout assumption (documented, checked at run time): the wrapped ``nn.Linear`` receives
+With ``relax(model, example_inputs=...)`` the adapter does not read source text for the modules it
+sees at work: a probe forward (:mod:`relax_vn.probe`) finds the bias-free Linears whose inputs carry
+xyz vectors (any axis, per input rank) and the VN layer modules that apply a channel matrix
+functionally (``F.linear``, ``einsum``), which are relaxed as a whole (:class:`VNModuleRelaxation`).
+
+Layout assumption of the source-text rule (documented, checked at run time): the wrapped ``nn.Linear`` receives
 ``x.transpose(1, -1)`` of ``[B, C, 3, *S]``, so channels are on the last axis and xyz is on axis 1
 when ``S`` is empty (``[B, 3, C]``) and on axis 2 otherwise (``[B, S_last, 3, ..., C]``). A layer
 called on anything else raises a ``ValueError`` naming the expected layout.

@@ -176,7 +176,9 @@ class _Recorder:
             h.remove()
 
 
-def _linear_verdicts(rec1: dict[int, list[Tensor]], rec2: dict[int, list[Tensor]], R: Tensor) -> dict[int, dict[int, int]]:
+def _linear_verdicts(
+    rec1: dict[int, list[Tensor]], rec2: dict[int, list[Tensor]], R: Tensor
+) -> dict[int, dict[int, int]]:
     found: dict[int, dict[int, int]] = {}
     for key, calls in rec1.items():
         other = rec2.get(key, [])
