@@ -242,3 +242,19 @@ def test_example_inputs_validation_and_axis_option():
     assert model[0].term.layout.xyz == 2
     with pytest.raises(rp.NothingToRelaxError, match="vn: "):
         rp.relax(nn.Sequential(EinsumVNLinear(2, 3)).double(), example_inputs=torch.randn(2, 2, 4, 4, dtype=DT))
+
+
+def test_probe_agrees_with_the_source_rule_on_classic_vn_files():
+    from test_vn_adapter import SmallVNNet, _load_fixture
+
+    tp = _load_fixture()
+    for make, x in (
+        (SmallVNNet, torch.randn(3, 3, 24)),  # includes [B, C, 3, N, k] edge features and [B, C, 3]
+        (lambda: tp.TinyVNNet(dim=4), torch.randn(4, 1, 3, 16)),
+        (lambda: tp.TinyVNNet(dim=5), torch.randn(4, 1, 3, 8, 3)),
+    ):
+        by_source = {n for n, _ in rp.relaxed_modules(rp.relax(make()))}
+        model = rp.relax(make(), example_inputs=x)
+        assert {n for n, _ in rp.relaxed_modules(model)} == by_source
+        rp.set_theta(model, 0.5)
+        model(x).sum().backward()
