@@ -67,7 +67,7 @@ def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
         >>> m = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.Dropout(0.5)).train()
         >>> with preserved_state(m):
         ...     _ = m(torch.randn(4, 2))
-        ...     m[0].running_mean.add_(1.0)
+        ...     _ = m[0].running_mean.add_(1.0)
         >>> m.training, float(m[0].running_mean.abs().sum())
         (True, 0.0)
     """
