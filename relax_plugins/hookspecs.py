@@ -67,7 +67,9 @@ def relax_make_term(
 
 
 @hookspec
-def relax_observe(root: nn.Module, example_inputs: tuple[tuple, dict], options: dict[str, Any]) -> dict[str, Any] | None:
+def relax_observe(
+    root: nn.Module, example_inputs: tuple[tuple, dict], options: dict[str, Any]
+) -> dict[str, Any] | None:
     """Observe the model at work before any layer is visited: called once by
     ``relax(model, example_inputs=...)``, never without example inputs.
 
