@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import math
 import warnings
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .copying import module_copy
 from .errors import (
     AdapterError,
     AlreadyRelaxedError,
@@ -19,7 +19,8 @@ from .errors import (
     NotRelaxedError,
     UnknownAdapterError,
 )
-from .plugins import adapter_names, find_term, wrapper_class_for
+from .plugins import adapter_names, find_term, observe, wrapper_class_for
+from .probe import normalize_example_inputs
 from .term import LinearRelaxation, PenaltyTerms, RelaxationTerm, moment_penalties
 from .wrapper import RelaxedModule, _floating_tensors
 
@@ -105,6 +106,7 @@ def relax(
     init_std: float = 0.0,
     penalty_samples: int | None = None,
     adapter_options: dict[str, Any] | None = None,
+    example_inputs: Any = None,
 ) -> nn.Module:
     """Relax every recognised equivariant layer of ``model`` in place and return ``model``.
 
@@ -125,6 +127,12 @@ def relax(
         penalty_samples: compute pointwise layers' penalties on at most this many recorded samples
             (an evenly strided, rescaled subset: an estimate of the full sums); None uses all.
         adapter_options: extra options passed to every adapter's ``relax_make_term``.
+        example_inputs: inputs of one forward call (a tensor, a tuple of positional arguments, a
+            dict of keyword arguments, or ``{"args": ..., "kwargs": ...}``). Adapters that
+            recognise layers by what they do observe the model on them before anything is changed
+            (the ``vn`` adapter finds vector-neuron channel maps however they are written). The
+            probe runs in eval mode without gradients and leaves the model's modes, parameters,
+            buffers and the random number generators exactly as they were.
 
     Returns:
         ``model`` itself (or the wrapper if the root was relaxed).
@@ -133,7 +141,8 @@ def relax(
         AlreadyRelaxedError: ``model`` already holds relaxed layers.
         UnknownAdapterError: a name in ``adapters`` is not loaded.
         NothingToRelaxError: no layer was recognised.
-        AdapterError: an adapter failed on a layer (nothing was changed).
+        AdapterError: an adapter failed on a layer or on the probe forward (nothing was changed).
+        TypeError: ``example_inputs`` is not one of the accepted forms.
 
     Example:
         >>> import torch, relax_plugins as rp
@@ -156,6 +165,15 @@ def relax(
         raise ValueError(f"penalty_samples must be >= 1, got {penalty_samples}")
     include, exclude = (None if p is None else list(p) for p in (include, exclude))
     options = {"rank": rank, "init_std": float(init_std), **(adapter_options or {})}
+    if example_inputs is not None:
+        call = normalize_example_inputs(example_inputs)
+        try:
+            observe(model, call, options, allowed)
+        except Exception as exc:
+            raise AdapterError(
+                f"relax() could not observe the model on example_inputs: {type(exc).__name__}: {exc}. "
+                "The model was not changed."
+            ) from exc
 
     targets: list[tuple[str, nn.Module, str, RelaxationTerm]] = []
 
@@ -185,9 +203,17 @@ def relax(
 
     visit("", model)
     if not targets:
+        notes = options.get("probe_notes") or []
         raise NothingToRelaxError(
             f"no layer of {type(model).__name__} is recognised by the loaded adapters {adapter_names()}"
             + ("" if include is None else f" (include={include})")
+            + "".join(f"\n  - {n}" for n in notes)
+            + "\nTo help: "
+            + ("" if example_inputs is not None else
+               "pass example_inputs=(...) so that adapters can observe the layers at work (vector neurons "
+               "are then found however their channel maps are written); ")
+            + "name the layers (include=[...], adapter_options={'vn_names': [...]}) or declare their classes "
+            "(relax_pyg.declare); see each adapter's documentation (relax_plugins.list_adapters())."
         )
 
     wrappers = []
@@ -399,8 +425,10 @@ def projected_state_dict(model: nn.Module, merge: bool = False) -> dict[str, Ten
     """The state_dict that ``project(model, merge)`` would have, without changing ``model``.
 
     Keys are those of the original architecture, so the result loads into a model that was never
-    relaxed. Cheaper than projecting a deep copy: only the relaxed base layers are copied (and only
-    when ``merge``).
+    relaxed. No module is deep-copied (escnn's SO(3) layers cannot be): with ``merge``, θ·P(W) is
+    merged into a state copy of each relaxed base layer (:func:`relax_plugins.copying.module_copy`:
+    new parameter and buffer tensors, shared configuration); without it nothing is copied and the
+    returned tensors are the model's own (as with ``state_dict()``).
 
     Example:
         >>> import torch, relax_plugins as rp
@@ -416,7 +444,7 @@ def projected_state_dict(model: nn.Module, merge: bool = False) -> dict[str, Ten
         prefix = f"{name}." if name else ""
         base = layer.base
         if merge:
-            base = copy.deepcopy(base)
+            base = module_copy(base)
             with torch.no_grad():
                 if not layer.term.merge(base, layer.theta):
                     base = layer.base

@@ -66,6 +66,32 @@ def relax_make_term(
     """
 
 
+@hookspec
+def relax_observe(
+    root: nn.Module, example_inputs: tuple[tuple, dict], options: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Observe the model at work before any layer is visited: called once by
+    ``relax(model, example_inputs=...)``, never without example inputs.
+
+    For adapters that recognise layers by what they do rather than by class or source text (the
+    ``vn`` adapter finds the Linears whose inputs carry xyz vectors by running the model on rotated
+    copies of the inputs). Run the model through :func:`relax_plugins.probe.probe_forward`, which
+    leaves its state exactly as it was (train/eval flags, parameters, buffers such as BatchNorm
+    running statistics, random number generators); never modify the model here.
+
+    Args:
+        root: the model being relaxed.
+        example_inputs: ``(args, kwargs)`` of one forward call, ``root(*args, **kwargs)``.
+        options: the options of this relax() call (read only).
+
+    Returns:
+        A dict merged into the options that every ``relax_make_term`` call of this relax() call
+        receives (prefix the keys with the adapter name), or None. A list under the key
+        ``"probe_notes"`` is appended to, not replaced: its lines are shown when nothing is
+        recognised.
+    """
+
+
 @hookspec(firstresult=True)
 def relax_wrapper_class(module: nn.Module) -> type | None:
     """Return a subclass of :class:`relax_plugins.RelaxedModule` to wrap ``module`` with.

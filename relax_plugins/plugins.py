@@ -167,6 +167,23 @@ def find_term(
     return None
 
 
+def observe(root: Any, example_inputs: tuple[tuple, dict], options: dict[str, Any], allowed: set[str] | None) -> None:
+    """Let every (allowed) adapter observe the model on the example inputs; merge what they return
+    into ``options`` (``"probe_notes"`` lists are concatenated)."""
+    pm = get_plugin_manager()
+    for impl in reversed(pm.hook.relax_observe.get_hookimpls()):
+        if allowed is not None and impl.plugin_name not in allowed:
+            continue
+        kwargs = {"root": root, "example_inputs": example_inputs, "options": options}
+        extra = impl.function(**{k: kwargs[k] for k in impl.argnames})
+        if not extra:
+            continue
+        notes = list(extra.pop("probe_notes", ()))
+        options.update(extra)
+        if notes:
+            options["probe_notes"] = [*options.get("probe_notes", ()), *notes]
+
+
 def wrapper_class_for(module: Any, adapter: str) -> type | None:
     pm = get_plugin_manager()
     plugin = pm.get_plugin(adapter)

@@ -18,7 +18,35 @@ from torch import Tensor, nn
 
 from .symmetry import GenericProjector, Symmetry, group_defect, lie_defect
 
-__all__ = ["RelaxationTerm", "LinearRelaxation", "PenaltyTerms", "moment_penalties"]
+__all__ = ["RelaxationTerm", "LinearRelaxation", "PenaltyTerms", "moment_penalties", "may_modify_inputs"]
+
+#: top-level packages whose layers never update their inputs in place (checked by exact class module)
+PURE_LIBRARIES = frozenset({"torch", "e3nn", "escnn"})
+
+
+def may_modify_inputs(base: nn.Module, pure: tuple[type, ...] = ()) -> bool:
+    """Whether ``base`` might update its input tensors in place (``x.add_(...)``, ``coord += ...``).
+
+    A relaxation reads its input x *before* the base layer runs, so that W acts on x and not on what
+    an in-place update left in it (the official EGNN's ``E_GCL_vel`` does ``coord += ...``). When the
+    term's view of x shares memory with the argument, it must then be cloned, which this decides:
+    False for the exact classes in ``pure`` and for layers defined in :data:`PURE_LIBRARIES` (torch,
+    e3nn, escnn), True for everything else (user code, including subclasses of library layers, whose
+    ``forward`` may do anything).
+
+    Example:
+        >>> import torch
+        >>> may_modify_inputs(torch.nn.Linear(2, 2))
+        False
+        >>> class Mine(torch.nn.Linear):
+        ...     pass
+        >>> may_modify_inputs(Mine(2, 2)), may_modify_inputs(Mine(2, 2), pure=(Mine,))
+        (True, False)
+    """
+    cls = type(base)
+    if cls in pure:
+        return False
+    return cls.__module__.split(".", 1)[0] not in PURE_LIBRARIES
 
 
 class PenaltyTerms(tuple):
@@ -121,6 +149,8 @@ class LinearRelaxation(RelaxationTerm):
         self._x: Tensor | None = None
         self._y: Tensor | None = None
         self.penalty_samples: int | None = None  # set by relax(..., penalty_samples=m)
+        #: exact base classes known not to update their inputs in place (see :func:`may_modify_inputs`)
+        self.pure_bases: tuple[type, ...] = ()
 
     # -- layout: override in adapters ---------------------------------------------------------
     def take_input(self, args: tuple, kwargs: dict) -> Tensor:
@@ -157,8 +187,12 @@ class LinearRelaxation(RelaxationTerm):
         return (v @ self.lora_a.T) @ self.lora_b.T
 
     def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = base(*args, **kwargs)
+        # x is read before the base layer runs: an in-place update of the argument (x.add_(...))
+        # must not leak into W·x, so a view of it is cloned unless the layer is known to be pure
         x = self.to_fibre(self.take_input(args, kwargs))
+        if may_modify_inputs(base, self.pure_bases):
+            x = x.clone()
+        out = base(*args, **kwargs)
         wx = self.apply_weight(x)
         y = self.output_tensor(out)
         result = y + theta.to(wx.dtype) * self.from_fibre(wx, y)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .api import get_theta, penalty, project, projection_report, set_theta
+from .copying import module_copy
 from .schedules import Schedule, as_schedule
 
 __all__ = ["RelaxedTraining"]
@@ -95,8 +95,18 @@ class RelaxedTraining:
         return projection_report(self.model)
 
     def export(self, merge: bool = False) -> nn.Module:
-        """A projected deep copy of the model (the model itself stays relaxed): save this one."""
-        return project(copy.deepcopy(self.model), merge=merge)
+        """A projected copy of the model (the model itself stays relaxed): save this one.
+
+        The copy is a *state* copy (:func:`relax_plugins.copying.module_copy`), not a
+        ``copy.deepcopy``: its parameters and buffers are its own, so training the relaxed model
+        further does not change it, while configuration objects (field types, irreps, ...) are
+        shared with the model. This works for modules that cannot be deep-copied (escnn's SO(3)
+        layers). Same classes and state_dict keys as the model before :func:`relax_plugins.relax`.
+
+        Args:
+            merge: fold θ·P(W) into the copy's weights (see :func:`relax_plugins.project`).
+        """
+        return project(module_copy(self.model), merge=merge)
 
     def finish(self, merge: bool = False) -> nn.Module:
         """Project the model in place (after the schedule ends θ is 0 already)."""

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation
 from relax_plugins.symmetry import OneGeneratorProjector
+from relax_plugins.term import may_modify_inputs
 
 from .irreps import IrrepsAction, irrep_pairs, irreps_symmetry, path_coefficients, project_irreps_dense
 
@@ -95,8 +96,10 @@ class E3nnRelaxation(LinearRelaxation):
     def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Any:
         """f(x) + θ·W·x, as :meth:`relax_plugins.LinearRelaxation.forward`, with the product and
         the sum fused into one ``addmm`` when the output has the input's batch shape."""
-        out = base(*args, **kwargs)
         x = self.to_fibre(self.take_input(args, kwargs))
+        if may_modify_inputs(base, self.pure_bases):
+            x = x.clone()  # read before the base layer runs: an in-place update must not reach W·x
+        out = base(*args, **kwargs)
         self._x = x.detach()
         tw = theta.to(x.dtype) * self.dense()
         if tuple(out.shape[:-1]) == self._batch_shape:

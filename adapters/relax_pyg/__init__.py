@@ -14,7 +14,7 @@ own graph, so the relaxation breaks rotation (and reflection) symmetry but not t
 from .graphs import fully_connected_edge_index, radius_graph_dense
 from .irreps import Field, field_generators, field_parity, irrep_generators, parse_irreps, so3_basis
 from .spec import LayerSpec, declare, declared_spec, undeclare
-from .term import PygRelaxation, center_positions, symmetry_for
+from .term import PygRelaxation, center_positions, center_rows, symmetry_for
 
 __all__ = [
     "declare",
@@ -24,6 +24,7 @@ __all__ = [
     "Field",
     "PygRelaxation",
     "center_positions",
+    "center_rows",
     "symmetry_for",
     "parse_irreps",
     "so3_basis",

@@ -66,6 +66,12 @@ class LayerSpec:
         merge: optional ``fn(layer, delta, term) -> bool`` that adds the dense intertwiner ``delta``
             (d_out, d_in) into the layer's own parameters; without it ``project(merge=True)``
             drops the relaxation of this layer.
+        node_axes: how many leading axes index nodes. 1 (default): node-major ``[N, ...]`` tensors
+            of PyG, graphs told apart by ``batch``. 2: batch-first ``[B, N, ...]`` tensors
+            (egnn-pytorch style), one graph per row: W acts on each node's fibre (the axes after
+            the first two), positions are centred on their own row's centroid.
+        mask: batch-first only: name of the forward argument holding a ``[B, N]`` boolean node mask
+            (padding False); centroids are taken over the real nodes (None at call time: all).
     """
 
     inputs: Mapping[str, FieldLike]
@@ -75,6 +81,8 @@ class LayerSpec:
     edge_index: str | None = None
     pos_center: str = "batch"
     merge: MergeFn | None = None
+    node_axes: int = 1
+    mask: str | None = None
 
     def __post_init__(self) -> None:
         if self.group not in GROUPS:
@@ -85,6 +93,17 @@ class LayerSpec:
             raise ValueError("a LayerSpec needs at least one input field")
         if self.pos_center == "edges" and self.edge_index is None:
             raise ValueError("pos_center='edges' needs the name of the edge_index argument")
+        if self.node_axes not in (1, 2) or isinstance(self.node_axes, bool):
+            raise ValueError(f"node_axes must be 1 ([N, ...], node-major) or 2 ([B, N, ...], batch-first), "
+                             f"got {self.node_axes!r}")
+        if self.node_axes == 2:
+            if self.batch is not None:
+                raise ValueError("batch-first layouts (node_axes=2) have one graph per row: leave batch=None")
+            if self.pos_center != "batch":
+                raise ValueError("batch-first layouts (node_axes=2) centre positions per row: pos_center must be "
+                                 "'batch'")
+        elif self.mask is not None:
+            raise ValueError("mask is for batch-first layouts (node_axes=2); node-major graphs use batch")
 
     def resolve(self, module: nn.Module) -> ResolvedSpec:
         """Fix the fields for one layer instance and find the argument positions of ``forward``."""
@@ -105,7 +124,10 @@ class LayerSpec:
         edges = None if self.edge_index is None else (self.edge_index, _argpos(params, self.edge_index, module))
         if has_pos and self.pos_center == "edges" and edges is None:  # pragma: no cover - checked above
             raise ValueError("pos_center='edges' needs edge_index")
-        return ResolvedSpec(inputs, outputs, is_tuple, self.group, batch, edges, self.pos_center, self.merge)
+        mask = None if self.mask is None else (self.mask, _argpos(params, self.mask, module))
+        return ResolvedSpec(
+            inputs, outputs, is_tuple, self.group, batch, edges, self.pos_center, self.merge, self.node_axes, mask
+        )
 
 
 @dataclass(frozen=True)
@@ -121,6 +143,8 @@ class ResolvedSpec:
     edge_index: tuple[str, int | None] | None
     pos_center: str
     merge: MergeFn | None = field(default=None, compare=False)
+    node_axes: int = 1
+    mask: tuple[str, int | None] | None = None
 
     @property
     def dim_in(self) -> int:
@@ -164,6 +188,8 @@ def declare(
     edge_index: str | None = None,
     pos_center: str = "batch",
     merge: MergeFn | None = None,
+    node_axes: int = 1,
+    mask: str | None = None,
 ) -> LayerSpec:
     """Declare how a layer class's inputs and outputs transform, so that relax() relaxes it.
 
@@ -185,7 +211,7 @@ def declare(
     """
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise TypeError(f"declare() needs an nn.Module subclass, got {cls!r}")
-    spec = LayerSpec(dict(inputs), outputs, group, batch, edge_index, pos_center, merge)
+    spec = LayerSpec(dict(inputs), outputs, group, batch, edge_index, pos_center, merge, node_axes, mask)
     _REGISTRY[cls] = spec
     return spec
 

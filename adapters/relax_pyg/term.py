@@ -9,17 +9,19 @@ rotation symmetry only and the relaxed layer stays translation-equivariant.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation, PenaltyTerms, Symmetry
+from relax_plugins.term import may_modify_inputs
 
 from .irreps import Field, field_generators, field_parity, irrep_generators
 from .spec import ResolvedSpec
 
-__all__ = ["PygRelaxation", "symmetry_for", "center_positions"]
+__all__ = ["PygRelaxation", "symmetry_for", "center_positions", "center_rows"]
 
 
 def symmetry_for(spec: ResolvedSpec) -> Symmetry:
@@ -91,6 +93,30 @@ def center_positions(
     return pos - centroid.index_select(0, batch)
 
 
+def center_rows(pos: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Batch-first positions ``[B, N, 3]`` relative to their own row's centroid (one graph per row).
+
+    Args:
+        pos: (B, N, 3) positions.
+        mask: (B, N) boolean, False for padding nodes (excluded from the centroid); None: all nodes.
+
+    Example:
+        >>> import torch
+        >>> pos = torch.tensor([[[0., 0, 0], [2, 0, 0], [9, 9, 9]]])
+        >>> center_rows(pos, torch.tensor([[True, True, False]]))[0, :, 0].tolist()
+        [-1.0, 1.0, 8.0]
+    """
+    if pos.dim() < 2:
+        raise ValueError(f"batch-first positions need shape [B, N, 3], got {tuple(pos.shape)}")
+    if mask is None:
+        return pos - pos.mean(dim=1, keepdim=True)
+    if mask.shape != pos.shape[:2]:
+        raise ValueError(f"node mask of shape {tuple(mask.shape)} does not match positions {tuple(pos.shape)}")
+    w = mask.to(pos.dtype).reshape(*mask.shape, *([1] * (pos.dim() - 2)))
+    centroid = (pos * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return pos - centroid
+
+
 def _blocks(fields: list[Field]) -> list[tuple[int, int, int, str, int]]:
     """(offset, mul, l, layout, parity) of every irrep block of the concatenated fibres."""
     out, offset = [], 0
@@ -153,6 +179,13 @@ class PygRelaxation(LinearRelaxation):
             return args[pos]
         return None
 
+    def _per_node(self, t: Tensor) -> Tensor:
+        """(nodes, features) view of a node-major ``[N, ...]`` or batch-first ``[B, N, ...]`` tensor."""
+        k = self.spec.node_axes
+        if t.dim() < k:
+            raise ValueError(f"a node tensor of this layer needs at least {k} axes (nodes), got shape {tuple(t.shape)}")
+        return t.reshape(math.prod(t.shape[:k]), math.prod(t.shape[k:]))
+
     def take_input(self, args: tuple, kwargs: dict) -> Tensor:
         spec = self.spec
         tensors = []
@@ -161,10 +194,14 @@ class PygRelaxation(LinearRelaxation):
             if not isinstance(t, Tensor):
                 raise ValueError(f"relaxed layer input {name!r} is {type(t).__name__}, expected a tensor")
             if f.is_pos:
-                batch = None if spec.batch is None else self._arg(args, kwargs, *spec.batch)
-                edges = None if spec.edge_index is None else self._arg(args, kwargs, *spec.edge_index)
-                t = center_positions(t, batch, edges, spec.pos_center)
-            tensors.append(t.reshape(t.shape[0], -1))
+                if spec.node_axes == 2:
+                    mask = None if spec.mask is None else self._arg(args, kwargs, *spec.mask)
+                    t = center_rows(t, mask)
+                else:
+                    batch = None if spec.batch is None else self._arg(args, kwargs, *spec.batch)
+                    edges = None if spec.edge_index is None else self._arg(args, kwargs, *spec.edge_index)
+                    t = center_positions(t, batch, edges, spec.pos_center)
+            tensors.append(self._per_node(t))
             if tensors[-1].shape[1] != f.dim:
                 raise ValueError(
                     f"input {name!r} has {tensors[-1].shape[1]} features per node, but its field "
@@ -176,8 +213,13 @@ class PygRelaxation(LinearRelaxation):
         return x
 
     def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = base(*args, **kwargs)
+        # inputs are read BEFORE the base layer runs: layers such as the official EGNN's E_GCL_vel
+        # update coord in place, and W must act on x, not on g(x). Concatenated or centred inputs are
+        # fresh tensors already; only a lone uncentred input is a view of the argument and is cloned
         x = self.take_input(args, kwargs)
+        if len(self.spec.inputs) == 1 and not self.spec.inputs[0][2].is_pos and may_modify_inputs(base):
+            x = x.clone()
+        out = base(*args, **kwargs)
         wx = self.apply_weight(x)
         outs = list(out) if self.spec.is_tuple else [out]
         if len(outs) != len(self.spec.outputs):
@@ -190,10 +232,11 @@ class PygRelaxation(LinearRelaxation):
                 continue
             y = outs[i]
             delta = next(deltas)
-            if y.reshape(y.shape[0], -1).shape[1] != f.dim:
-                raise ValueError(f"output {i} has shape {tuple(y.shape)}, not {f.dim} features per node ({f.irreps!r})")
+            if self._per_node(y).shape != delta.shape:
+                raise ValueError(f"output {i} has shape {tuple(y.shape)}, not {f.dim} features per node ({f.irreps!r}) "
+                                 f"for the {delta.shape[0]} nodes of the inputs")
             outs[i] = y + th * delta.reshape(y.shape)
-            new_flat.append(outs[i].reshape(y.shape[0], -1))
+            new_flat.append(self._per_node(outs[i]))
         # only detached tensors are kept (the core's penalty recomputes W·x on them, so that its
         # gradient reaches W only; a non-leaf here would also break deepcopy of the model)
         self.record(x, torch.cat(new_flat, dim=-1))

@@ -53,7 +53,9 @@ def relax_make_term(module: nn.Module, options: dict) -> LinearRelaxation | None
             angle = 2 * math.pi / int(k)
             sub = Symmetry(2 * ci, 2 * co, group_in=layers.rotation_2d(angle, ci)[None],
                            group_out=layers.rotation_2d(angle, co)[None], name=f"C{k}")
-        return SO2Relaxation(sym, subgroup=sub, **kw)
+        term = SO2Relaxation(sym, subgroup=sub, **kw)
+        term.pure_bases = (layers.SO2Linear,)  # subclasses may update inputs in place: cloned
+        return term
     if isinstance(module, layers.CNLinear):
         n, ci, co = module.n, module.c_in, module.c_out
         sym = Symmetry(n * ci, n * co, group_in=layers.cyclic_shift(n, ci)[None],
@@ -65,7 +67,9 @@ def relax_make_term(module: nn.Module, options: dict) -> LinearRelaxation | None
             step = n // int(k)
             sub = Symmetry(n * ci, n * co, group_in=torch.linalg.matrix_power(layers.cyclic_shift(n, ci), step)[None],
                            group_out=torch.linalg.matrix_power(layers.cyclic_shift(n, co), step)[None], name=f"C{k}")
-        return CNRelaxation(sym, subgroup=sub, **kw)
+        term = CNRelaxation(sym, subgroup=sub, **kw)
+        term.pure_bases = (layers.CNLinear,)
+        return term
     return None
 
 

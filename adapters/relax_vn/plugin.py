@@ -15,7 +15,12 @@ and the model is not touched. Only when the parent's source cannot be read (clas
 ``exec``) a bias-free Linear is claimed by its attribute name, one of :data:`VN_LINEAR_NAMES` (or
 ``adapter_options={"vn_names": [...]}``).
 
-Layout assumption (documented, checked at run time): the wrapped ``nn.Linear`` receives
+With ``relax(model, example_inputs=...)`` the adapter does not read source text for the modules it
+sees at work: a probe forward (:mod:`relax_vn.probe`) finds the bias-free Linears whose inputs carry
+xyz vectors (any axis, per input rank) and the VN layer modules that apply a channel matrix
+functionally (``F.linear``, ``einsum``), which are relaxed as a whole (:class:`VNModuleRelaxation`).
+
+Layout assumption of the source-text rule (documented, checked at run time): the wrapped ``nn.Linear`` receives
 ``x.transpose(1, -1)`` of ``[B, C, 3, *S]``, so channels are on the last axis and xyz is on axis 1
 when ``S`` is empty (``[B, 3, C]``) and on axis 2 otherwise (``[B, S_last, 3, ..., C]``). A layer
 called on anything else raises a ``ValueError`` naming the expected layout.
@@ -47,15 +52,20 @@ from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation, PenaltyTerms, Symmetry, hookimpl
 from relax_plugins.symmetry import KronGenerators
+from relax_plugins.term import may_modify_inputs
+
+from .probe import ModuleLayout, VNProbe, probe_vn
 
 __all__ = [
     "VN_LINEAR_NAMES",
     "DEFAULT_PENALTY_ROWS",
     "VNLinearRelaxation",
+    "VNModuleRelaxation",
     "so3_basis",
     "vn_symmetry",
     "vn_linear_names",
     "relax_make_term",
+    "relax_observe",
     "relax_adapter_info",
 ]
 
@@ -200,6 +210,9 @@ class VNLinearRelaxation(LinearRelaxation):
         rank: low-rank W (see :class:`relax_plugins.LinearRelaxation`).
         init_std: std of a random initial dense W.
         penalty_rows: fibres the penalties are estimated on per step (None: all of them).
+        axes: xyz axis of the Linear's input per input rank, as observed by a probe
+            (:func:`relax_vn.probe.probe_vn`); None: the ``x.transpose(1, -1)`` rule (axis 1 for
+            rank 3, axis 2 otherwise).
 
     Example:
         >>> import torch
@@ -217,8 +230,10 @@ class VNLinearRelaxation(LinearRelaxation):
         rank: int | None = None,
         init_std: float = 0.0,
         penalty_rows: int | None = DEFAULT_PENALTY_ROWS,
+        axes: dict[int, int] | None = None,
     ) -> None:
         super().__init__(vn_symmetry(c_in, c_out, group), rank=rank, init_std=init_std)
+        self.axes = None if axes is None else {int(k): int(v) for k, v in axes.items()}
         if penalty_rows is not None and int(penalty_rows) < 1:
             raise ValueError(f"vn_penalty_rows must be None or >= 1, got {penalty_rows}")
         self.c_in, self.c_out, self.group = int(c_in), int(c_out), group
@@ -229,17 +244,26 @@ class VNLinearRelaxation(LinearRelaxation):
         )
 
     # -- layout --------------------------------------------------------------------------------
-    @staticmethod
-    def xyz_axis(ndim: int) -> int:
-        """Axis of xyz in the Linear's input ``x.transpose(1, -1)`` of ``[B, C, 3, *S]``."""
+    def xyz_axis(self, ndim: int) -> int:
+        """Axis of xyz in the Linear's input: as observed by the probe for this rank, else the
+        ``x.transpose(1, -1)`` rule for ``[B, C, 3, *S]`` (axis 1 for rank 3, axis 2 otherwise)."""
+        if self.axes is not None:
+            if ndim not in self.axes:
+                raise ValueError(
+                    f"relax_vn: this VN channel Linear was observed with inputs of rank {sorted(self.axes)} "
+                    f"(xyz axes {self.axes}), now it gets rank {ndim}"
+                )
+            return self.axes[ndim]
         return 1 if ndim == 3 else 2
 
     def _check(self, x: Tensor, channels: int) -> int:
         a = self.xyz_axis(x.dim())
-        if x.dim() < 3 or x.shape[a] != 3 or x.shape[-1] != channels:
+        if x.dim() < 2 or x.shape[a] != 3 or x.shape[-1] != channels:
+            rule = "as observed by the probe" if self.axes is not None else (
+                f"x.transpose(1, -1) of [B, C={channels}, 3, *S], i.e.")
             raise ValueError(
-                f"relax_vn: a VN channel Linear expects x.transpose(1, -1) of [B, C={channels}, 3, *S], i.e. "
-                f"channels last and xyz on axis {a}; got shape {tuple(x.shape)}"
+                f"relax_vn: a VN channel Linear expects, {rule} channels last and xyz on axis {a}; "
+                f"got shape {tuple(x.shape)}"
             )
         return a
 
@@ -278,6 +302,8 @@ class VNLinearRelaxation(LinearRelaxation):
             shape[-1] = self.c_out
             out = yf.reshape(shape).movedim(-2, a)
         else:
+            if may_modify_inputs(base):
+                xf = xf.clone()  # read before the base layer runs (in-place updates must not reach W·x)
             out = base(*args, **kwargs)
             out = out + theta.to(out.dtype) * self.from_fibre(self.apply_weight(xf), out)
         self._y = out.detach()
@@ -369,6 +395,101 @@ class VNLinearRelaxation(LinearRelaxation):
         )
 
 
+class VNModuleRelaxation(VNLinearRelaxation):
+    """A VN layer module relaxed as a whole: f(x) + θ·W·x from its input fibre to its output fibre.
+
+    For VN layers whose channel map is not called as an ``nn.Linear`` module (``F.linear`` with the
+    weight, ``einsum`` with an own parameter, ...): the probe (:func:`relax_vn.probe.probe_vn`)
+    observed the module's xyz axis and channel axis, the same in input and output; every other axis
+    is a position (W acts per position). Fibre, generators, penalties and projection are those of
+    :class:`VNLinearRelaxation` (xyz-major ``3·C`` fibres). ``project(merge=True)`` cannot fold
+    θ·P(W) into an arbitrary module: it drops W (with a warning), as ``merge=False`` does.
+
+    Args:
+        layout: the module's axes and channels.
+        group, rank, init_std, penalty_rows: as :class:`VNLinearRelaxation`.
+
+    Example:
+        >>> import torch
+        >>> from relax_vn.probe import ModuleLayout
+        >>> term = VNModuleRelaxation(ModuleLayout(ndim=4, xyz=3, channel=2, c_in=2, c_out=5))
+        >>> tuple(term.to_fibre(torch.randn(6, 7, 2, 3)).shape)
+        (42, 6)
+    """
+
+    def __init__(
+        self,
+        layout: ModuleLayout,
+        group: str = "SO(3)",
+        rank: int | None = None,
+        init_std: float = 0.0,
+        penalty_rows: int | None = DEFAULT_PENALTY_ROWS,
+    ) -> None:
+        super().__init__(layout.c_in, layout.c_out, group, rank, init_std, penalty_rows)
+        self.layout = layout
+
+    def take_input(self, args: tuple, kwargs: dict) -> Tensor:
+        for a in args:
+            if isinstance(a, Tensor) and a.is_floating_point():
+                return a
+        raise ValueError("relax_vn: a relaxed VN layer module needs its features as a positional tensor argument")
+
+    def _axes(self, t: Tensor, channels: int) -> tuple[int, int]:
+        lay = self.layout
+        if t.dim() != lay.ndim or t.shape[lay.xyz] != 3 or t.shape[lay.channel] != channels:
+            raise ValueError(
+                f"relax_vn: this VN layer module was observed with rank-{lay.ndim} features, xyz on axis {lay.xyz} "
+                f"and {channels} channels on axis {lay.channel}; got shape {tuple(t.shape)}"
+            )
+        return lay.xyz, lay.channel
+
+    def to_fibre(self, x: Tensor) -> Tensor:
+        a, c = self._axes(x, self.c_in)
+        return x.movedim((a, c), (-2, -1)).reshape(-1, 3 * self.c_in)
+
+    def from_fibre(self, delta: Tensor, out: Tensor) -> Tensor:
+        a, c = self._axes(out, self.c_out)
+        shape = out.movedim((a, c), (-2, -1)).shape
+        return delta.reshape(shape).movedim((-2, -1), (a, c))
+
+    def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        # read (and copy: the module is user code) before the base module runs
+        xf = self.to_fibre(self.take_input(args, kwargs))
+        if may_modify_inputs(base):
+            xf = xf.clone()
+        self._x = xf.detach()
+        out = base(*args, **kwargs)
+        if not isinstance(out, Tensor):
+            raise ValueError(f"relax_vn: a relaxed VN layer module must return a tensor, got {type(out).__name__}")
+        if bool(theta != 0):
+            out = out + theta.to(out.dtype) * self.from_fibre(self.apply_weight(xf), out)
+        self._y = out.detach()
+        return out
+
+    def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
+        return False
+
+    def extra_repr(self) -> str:
+        lay = self.layout
+        return f"{super().extra_repr()}, module (xyz axis {lay.xyz}, channel axis {lay.channel}, rank {lay.ndim})"
+
+
+@hookimpl
+def relax_observe(root: nn.Module, example_inputs: tuple[tuple, dict], options: dict[str, Any]) -> dict[str, Any]:
+    """Run the VN probe (:func:`relax_vn.probe.probe_vn`) on the example inputs.
+
+    Example:
+        >>> import torch
+        >>> from relax_vn.layers import VNLinear
+        >>> found = relax_observe(torch.nn.Sequential(VNLinear(2, 3)), ((torch.randn(4, 2, 3, 5),), {}), {})
+        >>> len(found["vn_probe"].linears)
+        1
+    """
+    args, kwargs = example_inputs
+    found = probe_vn(root, tuple(args), dict(kwargs), options)
+    return {"vn_probe": found, "probe_notes": found.notes}
+
+
 @hookimpl
 def relax_make_term(
     module: nn.Module, name: str, options: dict[str, Any], root: nn.Module
@@ -383,6 +504,25 @@ def relax_make_term(
         >>> sorted(n for n, _ in rp.relaxed_modules(m))
         ['0.map_to_dir', '0.map_to_feat']
     """
+    common = {
+        "group": options.get("vn_group", "SO(3)"),
+        "rank": options.get("rank"),
+        "init_std": options.get("init_std", 0.0),
+        "penalty_rows": options.get("vn_penalty_rows", DEFAULT_PENALTY_ROWS),
+    }
+    probe: VNProbe | None = options.get("vn_probe")
+    if probe is not None and id(module) in probe.called:
+        # observed at work: what it did decides, not how its source is written
+        if id(module) in probe.modules:
+            return VNModuleRelaxation(probe.modules[id(module)], **common)
+        if isinstance(module, nn.Linear) and module.bias is None:
+            if id(module) in probe.linears:
+                return VNLinearRelaxation(
+                    module.in_features, module.out_features, axes=probe.linears[id(module)], **common
+                )
+            if name.rsplit(".", 1)[-1] in options.get("vn_names", ()):  # the user names it: claimed anyway
+                return VNLinearRelaxation(module.in_features, module.out_features, **common)
+        return None
     if not isinstance(module, nn.Linear):
         return None
     verdict = _structural_verdict(module, name, root)
@@ -391,14 +531,7 @@ def relax_make_term(
         verdict = module.bias is None and name.rsplit(".", 1)[-1] in names
     if not verdict:
         return None
-    return VNLinearRelaxation(
-        module.in_features,
-        module.out_features,
-        group=options.get("vn_group", "SO(3)"),
-        rank=options.get("rank"),
-        init_std=options.get("init_std", 0.0),
-        penalty_rows=options.get("vn_penalty_rows", DEFAULT_PENALTY_ROWS),
-    )
+    return VNLinearRelaxation(module.in_features, module.out_features, **common)
 
 
 @hookimpl
