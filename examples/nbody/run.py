@@ -318,6 +318,14 @@ def _ckpt_path(cfg: Config, arm: str, seed: int) -> Path:
     return Path(cfg.out) / "ckpt" / f"{arm}_seed{seed}.pt"
 
 
+def _checkpoint_step(cfg: Config, arm: str, seed: int) -> int:
+    """The step an unfinished run resumes from (0 without a checkpoint)."""
+    path = _ckpt_path(cfg, arm, seed)
+    if cfg.checkpoint_every <= 0 or not path.exists():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=False)["state"]["step"])
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -918,7 +926,8 @@ def _train_jobs(cfg: Config, todo: list[tuple[str, int]], keep: Any, done: set[t
     if any(a == "matched" and ("dual", s) not in done and ("dual", s) not in todo for a, s in todo):
         raise ValueError("the matched arm replays the dual arm of the same seed: include 'dual' in --arms")
     desc = f"nbody {cfg.preset}: {len(todo)} runs"
-    with tqdm(total=len(todo) * cfg.steps, desc=desc, unit="step") as bar:
+    resumed = sum(_checkpoint_step(cfg, *job) for job in todo)
+    with tqdm(total=len(todo) * cfg.steps, initial=resumed, desc=desc, unit="step") as bar:
         if cfg.workers <= 1:
             class _Bar:
                 def put(self, n: int) -> None:
