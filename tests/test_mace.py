@@ -97,7 +97,8 @@ def test_symmetric_contraction_term_keeps_outputs_penalises_and_projects():
         layer.term.weight.copy_(P)
     model(x, y)
     terms = layer.term.penalty_terms()
-    assert float(terms.lie.detach()) < 1e-20 * float(terms.norm.detach())  # intertwiners are in the penalty's null space
+    # intertwiners are in the penalty's null space
+    assert float(terms.lie.detach()) < 1e-20 * float(terms.norm.detach())
     rel = rp.projection_report(model)["sc"]
     assert rel["mergeable"] == 0.0 and rel["merges"] == 0.0
     with pytest.warns(UserWarning, match="dropped"):

@@ -56,7 +56,7 @@ _SO3_BASIS = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _so3_generators64(l: int) -> Tensor:
     jac = torch.autograd.functional.jacobian
 

@@ -20,9 +20,8 @@ from typing import Any
 
 from e3nn import o3
 from mace.modules.symmetric_contraction import SymmetricContraction  # noqa: F401 (mace prints on first import)
-from torch import Tensor, nn
-
 from relax_e3nn.terms import E3nnRelaxation
+from torch import Tensor, nn
 
 __all__ = ["MaceSymmetricContractionRelaxation", "contraction_input_irreps"]
 
@@ -76,7 +75,9 @@ class MaceSymmetricContractionRelaxation(E3nnRelaxation):
         fibre, self.channels, self.coupling_dim = contraction_input_irreps(module)
         irreps_out = o3.Irreps(module.irreps_out)
         if any(mul != self.channels for mul, _ in irreps_out):
-            raise ValueError(f"SymmetricContraction irreps_out {irreps_out} must have {self.channels} channels per irrep")
+            raise ValueError(
+                f"SymmetricContraction irreps_out {irreps_out} must have {self.channels} channels per irrep"
+            )
         super().__init__(fibre, irreps_out, "x", rank=rank, init_std=init_std, subgroup=subgroup)
 
     def take_input(self, args: tuple, kwargs: dict) -> Tensor:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -38,10 +37,10 @@ from ase.calculators.emt import EMT
 from e3nn import o3
 from mace import data, modules, tools
 from mace.tools import torch_geometric
+from relax_e3nn import random_o3
 from torch import Tensor, nn
 
 import relax_plugins as rp
-from relax_e3nn import random_o3
 
 MOLECULES = ("CH4", "NH3", "H2O", "C2H2", "C2H4", "C2H6", "HCN", "CH3OH", "H3CNH2", "HCOOH", "CH3CHO", "CH3CH2OH")
 Z_TABLE = (1, 6, 7, 8)
