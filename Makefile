@@ -52,7 +52,7 @@ test-main: $(STAMP)
 	$(PY) -m pytest -q
 
 test-mace: $(MACE_STAMP)
-	$(MACE_ENV) $(MACE_PY) -m pytest -q -p no:cacheprovider tests/test_e3nn_adapter.py tests/test_mace.py adapters/relax_e3nn adapters/relax_mace
+	$(MACE_ENV) $(MACE_PY) -m pytest -q -p no:cacheprovider tests/test_e3nn*.py tests/test_mace.py adapters/relax_e3nn adapters/relax_mace
 
 mace-demo: $(MACE_STAMP)
 	$(MACE_ENV) $(MACE_PY) -m examples.mace.run

@@ -133,14 +133,14 @@ def rigid_motion_errors(model: nn.Module, mols: Sequence[Atoms], n: int = 4, see
     """Largest relative errors of E(g·x) = E(x) and F(g·x) = R F(x) over ``n`` random O(3) elements
     (SO(3) if not ``parity``) combined with random translations, in float64."""
     gen = torch.Generator().manual_seed(seed)
-    e0, f0 = predict(model, to_batch(mols))
+    e0, f0 = (t.detach() for t in predict(model, to_batch(mols)))
     worst = {"energy": 0.0, "forces": 0.0}
     for R in random_o3(n, parity=parity, generator=gen):
         t = torch.randn(3, generator=gen, dtype=torch.float64) * 3
         moved = [a.copy() for a in mols]
         for a, b in zip(moved, mols):
             a.positions = b.positions @ R.numpy().T + t.numpy()
-        e, f = predict(model, to_batch(moved))
+        e, f = (t.detach() for t in predict(model, to_batch(moved)))
         worst["energy"] = max(worst["energy"], float((e - e0).norm() / e0.norm()))
         worst["forces"] = max(worst["forces"], float((f - f0 @ R.T).norm() / f0.norm()))
     return worst
