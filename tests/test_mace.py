@@ -164,8 +164,11 @@ def test_mace_round_trip(mace_setup):
     assert all(float(t.penalty_terms().lie.detach()) > 0 for t in sc_terms)
     assert mace_run.rigid_motion_errors(model, mols[:3], n=2)["energy"] > 1e-8  # relaxed: not invariant
 
+    sc_state = {k: v.clone() for k, v in rp.projected_state_dict(model).items() if "symmetric_contractions" in k}
     with pytest.warns(UserWarning, match="symmetric_contractions"):
         projected = rp.project(copy.deepcopy(model), merge=True)
+    # dropped: the contractions' own weights are untouched by the merge
+    assert all(torch.equal(projected.state_dict()[k], v) for k, v in sc_state.items()) and sc_state
     for merged, p in (("merge", projected), ("drop", rp.project(model))):
         assert list(p.state_dict()) == keys, merged
         assert _classes(p) == classes, merged
