@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from e3nn import o3
-from mace.modules.symmetric_contraction import SymmetricContraction  # noqa: F401 (mace prints on first import)
+from mace.modules.symmetric_contraction import SymmetricContraction
 from relax_e3nn.terms import E3nnRelaxation
 from torch import Tensor, nn
 
@@ -79,6 +79,10 @@ class MaceSymmetricContractionRelaxation(E3nnRelaxation):
                 f"SymmetricContraction irreps_out {irreps_out} must have {self.channels} channels per irrep"
             )
         super().__init__(fibre, irreps_out, "x", rank=rank, init_std=init_std, subgroup=subgroup)
+        if type(module) is SymmetricContraction:
+            # mace's own contraction never updates x in place: the core need not clone x before it runs
+            # (read by relax_plugins.term.may_modify_inputs where the core has it; unused otherwise)
+            self.pure_bases = (SymmetricContraction,)
 
     def take_input(self, args: tuple, kwargs: dict) -> Tensor:
         x = args[0] if args else kwargs[self.arg_name]
