@@ -4,9 +4,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test bench lint clean
+# A second, isolated venv for MACE: mace-torch 0.3.16 pins e3nn 0.4.4, which the main venv (e3nn 0.6) cannot hold.
+MACE_VENV ?= .venv-mace
+MACE_PY := $(MACE_VENV)/bin/python
+MACE_STAMP := $(MACE_VENV)/.installed-stamp
+# mace-torch loads its own constants with torch.load; torch >= 2.6 refuses them without this
+MACE_ENV := TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
+
+.PHONY: venv venv-mace demo mace-demo test test-main test-mace bench lint clean
 
 venv: $(STAMP)
+
+venv-mace: $(MACE_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +33,29 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m examples.demo
 
-test: $(STAMP)
+$(MACE_STAMP): pyproject.toml Makefile
+	test -x $(MACE_PY) || $(PYTHON) -m venv $(MACE_VENV)
+	$(MACE_PY) -m pip install -q --upgrade pip
+	$(MACE_PY) -m pip install -q torch==2.13.0
+	# pulls e3nn==0.4.4 (its pin), ase, matscipy, ...; nothing of it downloads at run time
+	$(MACE_PY) -m pip install -q mace-torch==0.3.16
+	# this project without the e3nn extra and without deps' upgrades: e3nn must stay at 0.4.4
+	$(MACE_PY) -m pip install -q pluggy 'pytest>=7' 'hypothesis>=6'
+	$(MACE_PY) -m pip install -q --no-deps -e .
+	$(MACE_PY) -c "import e3nn; assert e3nn.__version__ == '0.4.4', e3nn.__version__"
+	touch $(MACE_STAMP)
+
+# the main suite, then the e3nn adapter and MACE tests on e3nn 0.4.4
+test: test-main test-mace
+
+test-main: $(STAMP)
 	$(PY) -m pytest -q
+
+test-mace: $(MACE_STAMP)
+	$(MACE_ENV) $(MACE_PY) -m pytest -q -p no:cacheprovider tests/test_e3nn*.py tests/test_mace.py adapters/relax_e3nn adapters/relax_mace
+
+mace-demo: $(MACE_STAMP)
+	$(MACE_ENV) $(MACE_PY) -m examples.mace.run
 
 bench: $(STAMP)
 	$(PY) -m pytest -q -m slow
@@ -34,4 +64,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check relax_plugins adapters tests examples
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(MACE_VENV)

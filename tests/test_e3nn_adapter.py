@@ -23,7 +23,9 @@ from relax_e3nn import (  # noqa: E402
     equivariance_error,
     irreps_symmetry,
     project_irreps_dense,
+    so3_generators64,
 )
+from relax_e3nn.irreps import _SO3_BASIS  # noqa: E402
 from relax_e3nn.irreps import _float64_default as float64_default  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -95,9 +97,10 @@ def make_inputs(n: int = 6, dtype=torch.float64) -> tuple[torch.Tensor, torch.Te
 
 def test_generators_are_the_derivative_of_D_from_matrix():
     t = 1e-3
-    G1 = o3.so3_generators(1).double()
+    G1 = torch.tensor(_SO3_BASIS, dtype=torch.float64)  # rotations about x, y, z
     for l in range(4):
-        G = o3.so3_generators(l).double()
+        G = so3_generators64(l)
+        assert G.dtype == torch.float64
         for k in range(3):
             # central difference; e3nn computes D_from_matrix partly in float32 (≈1e-7 errors)
             Dp = o3.Irrep(l, 1).D_from_matrix(torch.linalg.matrix_exp(t * G1[k]))
@@ -105,14 +108,51 @@ def test_generators_are_the_derivative_of_D_from_matrix():
             assert torch.allclose((Dp - Dm) / (2 * t), G[k], atol=1e-3)
 
 
+@pytest.mark.parametrize("l", range(7))
+def test_generators_are_a_float64_representation_of_so3(l):
+    # any e3nn version: antisymmetric, [G_x, G_y] = G_z (cyclic), exp(t·G) = D_from_angles exactly
+    G = so3_generators64(l)
+    assert G.shape == (3, 2 * l + 1, 2 * l + 1)
+    assert torch.allclose(G, -G.transpose(1, 2), atol=1e-13)
+    for a, b, c in ((0, 1, 2), (1, 2, 0), (2, 0, 1)):
+        assert torch.allclose(G[a] @ G[b] - G[b] @ G[a], G[c], atol=1e-12)
+    with float64_default():
+        angles = torch.tensor([0.3, -1.1, 0.7], dtype=torch.float64)
+        D = o3.Irrep(l, 1).D_from_angles(*angles)
+        R = o3.angles_to_matrix(*angles)
+    # the same element through the generators: R = exp(Σ_k t_k K_k) for the rotations K about x, y, z
+    K = torch.tensor(_SO3_BASIS, dtype=torch.float64)
+    t = torch.linalg.lstsq(K.reshape(3, 9).T, _logm_rotation(R).reshape(9, 1)).solution.flatten()
+    assert torch.allclose(torch.linalg.matrix_exp(torch.einsum("k,kij->ij", t, G)), D, atol=1e-12)
+
+
+def _logm_rotation(R: torch.Tensor) -> torch.Tensor:
+    """Real logarithm of a rotation matrix (angle < π)."""
+    angle = torch.arccos(((R.trace() - 1) / 2).clamp(-1, 1))
+    return angle / (2 * torch.sin(angle)) * (R - R.T)
+
+
+@pytest.mark.skipif(not hasattr(o3, "so3_generators"), reason="e3nn < 0.5 has no o3.so3_generators")
+@pytest.mark.parametrize("l", range(9))
+def test_generators_equal_e3nn_so3_generators(l):
+    with float64_default():
+        expected = o3.so3_generators(l)
+    assert expected.dtype == torch.float64
+    assert torch.allclose(so3_generators64(l), expected, rtol=0, atol=1e-14)
+
+
 @given(irreps_strategy(5, 3, 3))
 def test_irreps_action_matches_dense_symmetry(irreps):
-    act = IrrepsAction(irreps).double()
+    with float64_default():  # buffers built in float64, not rounded through float32
+        act = IrrepsAction(irreps)
     sym = irreps_symmetry(irreps, irreps).double()
     x = torch.randn(7, irreps.dim, dtype=torch.float64)
     assert torch.allclose(act.lie(x), torch.einsum("kij,nj->kni", sym.lie_in, x), atol=1e-12)
-    inv = irreps.D_from_matrix(-torch.eye(3, dtype=torch.float64))
-    assert torch.equal(sym.group_in[0], inv) and torch.equal(torch.diag(act.parity), inv)
+    with float64_default():  # e3nn computes D_from_matrix in the default dtype
+        inv = irreps.D_from_matrix(-torch.eye(3, dtype=torch.float64))
+    # e3nn 0.4's D(-I) is a ±1 diagonal up to 1e-16 (Euler angles of I); the adapter's is exact
+    assert torch.allclose(sym.group_in[0], inv, rtol=0, atol=1e-14)
+    assert torch.equal(sym.group_in[0], torch.diag(act.parity)) and set(act.parity.tolist()) <= {-1.0, 1.0}
 
 
 def test_parity_is_needed_for_o3():
@@ -186,7 +226,7 @@ def test_lie_penalty_matches_finite_difference():
     t = 1e-2  # central differences: O(t²) error; e3nn's D_from_matrix is not exact to 1e-12
 
     def moved(k: int, s: float) -> torch.Tensor:  # ρ_out(exp(−sA)) W ρ_in(exp(sA)) x
-        R = torch.linalg.matrix_exp(s * o3.so3_generators(1).double()[k])
+        R = torch.linalg.matrix_exp(s * torch.tensor(_SO3_BASIS, dtype=torch.float64)[k])
         return ((x @ irreps_in.D_from_matrix(R).T) @ W.T) @ irreps_out.D_from_matrix(R.T).T
 
     fd = sum(float(((moved(k, t) - moved(k, -t)) / (2 * t)).square().sum()) for k in range(3))

@@ -9,8 +9,10 @@ multiples of the identity between copies of the *same* irrep (l and parity), and
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import e3nn
 import torch
 from e3nn import o3
 from torch import Tensor, nn
@@ -35,7 +37,7 @@ def _irreps(irreps: o3.Irreps | str) -> o3.Irreps:
 
 @contextlib.contextmanager
 def _float64_default() -> Iterator[None]:
-    """e3nn builds ``so3_generators`` and ``D_from_matrix`` in the *default* dtype: under float32
+    """e3nn builds its generators and ``D_from_matrix`` in the *default* dtype: under float32
     they are accurate to ~1e-7 only. Build them in float64 (then cast), as e3nn's own tests do.
     Changes the process-wide default dtype for the duration (not thread-safe)."""
     old = torch.get_default_dtype()
@@ -46,15 +48,62 @@ def _float64_default() -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+# the right-handed so(3) basis, rotations about x, y, z: exp(t·K[k]) rotates by t about axis k
+_SO3_BASIS = (
+    ((0.0, 0.0, 0.0), (0.0, 0.0, -1.0), (0.0, 1.0, 0.0)),
+    ((0.0, 0.0, 1.0), (0.0, 0.0, 0.0), (-1.0, 0.0, 0.0)),
+    ((0.0, -1.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+)
+
+
+@functools.cache
+def _so3_generators64(l: int) -> Tensor:
+    jac = torch.autograd.functional.jacobian
+
+    def d_alpha(f: Callable[..., Tensor]) -> Tensor:
+        zero = torch.zeros((), dtype=torch.float64)
+        return jac(lambda a: f(a, zero, zero), zero)
+
+    def d_beta(f: Callable[..., Tensor]) -> Tensor:
+        zero = torch.zeros((), dtype=torch.float64)
+        return jac(lambda b: f(zero, b, zero), zero)
+
+    # works under no_grad / inference_mode too (relax() may be called there)
+    with _float64_default(), torch.inference_mode(False), torch.enable_grad():
+        # the derivatives of e3nn's two elementary Euler rotations (whatever its convention) at the
+        # identity: 3x3 matrices from angles_to_matrix, (2l+1)-square ones from D_from_angles, which
+        # represents angles_to_matrix by definition. Derivatives of exp / cos / sin at 0: exact.
+        Ga, Gb = d_alpha(o3.angles_to_matrix), d_beta(o3.angles_to_matrix)
+        ir = o3.Irrep(l, 1)
+        A, B = d_alpha(ir.D_from_angles), d_beta(ir.D_from_angles)
+        # Ga, Gb and [Ga, Gb] span so(3); dρ is a Lie algebra map, so K = c1·Ga + c2·Gb + c3·[Ga, Gb]
+        # goes to c1·A + c2·B + c3·[A, B]. The coefficients are 0 or ±1: solved, then rounded.
+        span = torch.stack([Ga, Gb, Ga @ Gb - Gb @ Ga]).reshape(3, 9)
+        K = torch.tensor(_SO3_BASIS, dtype=torch.float64).reshape(3, 9)
+        coeff = torch.linalg.lstsq(span.T, K.T).solution.T.round()
+        if not torch.equal(coeff @ span, K):
+            raise RuntimeError(f"e3nn {e3nn.__version__}: its elementary Euler rotations do not span so(3)")
+        return torch.einsum("kj,jab->kab", coeff, torch.stack([A, B, A @ B - B @ A])).detach()
+
+
 def so3_generators64(l: int) -> Tensor:
-    """``o3.so3_generators(l)`` computed in float64.
+    """The so(3) generators of the irrep ``l`` in e3nn's own real basis, in float64, for any e3nn
+    from 0.4.4 on: dρ_l(K_x), dρ_l(K_y), dρ_l(K_z) for the rotations about x, y, z.
+
+    e3nn 0.4 has no ``o3.so3_generators``; these are the exact derivatives at the identity of
+    ``Irrep(l).D_from_angles``, which equal ``o3.so3_generators(l)`` of e3nn >= 0.5 (tested). Cached;
+    a fresh copy is returned.
 
     Example:
-        >>> so3_generators64(1).dtype
-        torch.float64
+        >>> G = so3_generators64(1)
+        >>> G.dtype, G[2].round().tolist()  # l=1 is (x, y, z): the rotation about z
+        (torch.float64, [[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+        >>> bool(torch.allclose(G[0] @ G[1] - G[1] @ G[0], G[2]))
+        True
     """
-    with _float64_default():
-        return o3.so3_generators(l).to(torch.float64)
+    if l < 0:
+        raise ValueError(f"l must be >= 0, got {l}")
+    return _so3_generators64(int(l)).clone()
 
 
 def D_from_matrix64(irreps: o3.Irreps | str, R: Tensor) -> Tensor:
@@ -71,7 +120,7 @@ def D_from_matrix64(irreps: o3.Irreps | str, R: Tensor) -> Tensor:
 class IrrepsAction(nn.Module):
     """The so(3) generators and the inversion of an irreps list, applied without dense matrices.
 
-    The generators of ``Irreps`` are block diagonal (``o3.so3_generators(l)`` once per copy), so
+    The generators of ``Irreps`` are block diagonal (:func:`so3_generators64` once per copy), so
     applying them per l costs O(n·d·(2l+1)) instead of O(n·d²) for a dense (3, d, d) product: this
     keeps the Lie penalty cheap on wide layers.
 
@@ -121,7 +170,7 @@ class IrrepsAction(nn.Module):
 def irreps_symmetry(irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str, name: str = "O(3)") -> Symmetry:
     """The O(3) :class:`~relax_plugins.Symmetry` of a layer between two irreps lists.
 
-    Lie generators: ``o3.so3_generators(l)`` per irrep copy, in e3nn's order (rotations about x,
+    Lie generators: :func:`so3_generators64` per irrep copy, in e3nn's order (rotations about x,
     y, z). The Lie derivative alone only sees SO(3); the inversion ``D_from_matrix(-I)`` (a ±1
     diagonal holding each irrep's parity) is added as a finite-group generator.
 
@@ -139,8 +188,8 @@ def irreps_symmetry(irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str, nam
         blocks = [so3_generators64(ir.l) for mul, ir in irreps for _ in range(mul)]
         lie = torch.stack([torch.block_diag(*[b[k] for b in blocks]) for k in range(3)])
         # D_from_matrix(-I) of the whole irreps list: computed by e3nn (not restated) so that the
-        # parity convention is e3nn's own
-        inv = D_from_matrix64(irreps, -torch.eye(3)).to(dtype)
+        # parity convention is e3nn's own; rounded: e3nn 0.4 gives the ±1 diagonal only up to 1e-16
+        inv = D_from_matrix64(irreps, -torch.eye(3)).round().to(dtype)
         return lie, inv[None]
 
     li, gi = parts(irreps_in)
