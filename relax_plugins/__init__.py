@@ -21,6 +21,7 @@ from .dual import DualAscentTheta
 from .errors import (
     AdapterError,
     AlreadyRelaxedError,
+    NonFiniteError,
     NothingToRelaxError,
     NotRelaxedError,
     PluginLoadError,
@@ -79,6 +80,7 @@ __all__ = [
     "RelaxError",
     "AdapterError",
     "AlreadyRelaxedError",
+    "NonFiniteError",
     "NothingToRelaxError",
     "NotRelaxedError",
     "PluginLoadError",

@@ -560,4 +560,12 @@ def test_r3conv_so3_relax_and_project(dtype):
     assert float(rp.penalty(model).detach()) > 0
     rp.project(model, merge=True)
     assert isinstance(model[0], enn.R3Conv)
-    assert equiv_error(model, x, elem) < (1e-5 if dtype == torch.float32 else 1e-12)
+    # The bound is escnn's own precision, not ours. Without py3nj escnn solves the SO(3) Clebsch-Gordan
+    # coefficients of this basis numerically (from random group samples) and accepts a solution once
+    # np.allclose(constraint @ basis, 0) holds, i.e. to 1e-8 absolute (escnn/group/_clebsh_gordan.py); the
+    # basis is then sampled in float32 (the default dtype when the layer is built) before .to(float64).
+    # Fresh solutions measured 1e-15 here (30 seeds) but 7e-10 on another run of this machine kind, and
+    # escnn promises only 1e-8: 1e-7 leaves a decade for the sums over the basis and still sits six decades
+    # below the relaxed model's error (> 0.05). float32: its epsilon (1.2e-7) times the same decade margin
+    # and the ~10 summed terms per output.
+    assert equiv_error(model, x, elem) < (1e-5 if dtype == torch.float32 else 1e-7)
