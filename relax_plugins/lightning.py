@@ -16,8 +16,9 @@ try:
 except ImportError:  # the standalone distribution
     import pytorch_lightning as pl
 
-from .api import projected_state_dict, relaxed_modules
-from .schedules import Schedule
+from ._checks import check_bool, check_choice
+from .api import check_penalty_args, projected_state_dict, relaxed_modules
+from .schedules import Schedule, as_schedule
 from .training import RelaxedTraining
 
 __all__ = ["RelaxationCallback"]
@@ -52,8 +53,13 @@ class RelaxationCallback(pl.Callback):
         form: str = "sqrt",
         merge: bool = False,
     ) -> None:
-        if per not in ("epoch", "step"):
-            raise ValueError(f"per must be 'epoch' or 'step', got {per!r}")
+        per = check_choice(per, "per", ("epoch", "step"))
+        if not (isinstance(schedule, (str, Schedule)) or callable(schedule)):
+            raise TypeError(f"schedule must be a name, a Schedule or a callable of t, got {type(schedule).__name__}")
+        if isinstance(schedule, str):
+            as_schedule(schedule, total=1)  # an unknown name fails here, not at fit start
+        lie, norm, form, _ = check_penalty_args(lie, norm, form, 1e-12)
+        merge = check_bool(merge, "merge")
         self.schedule, self.per = schedule, per
         self.lie, self.norm, self.form, self.merge = lie, norm, form, merge
         self.run: RelaxedTraining | None = None
