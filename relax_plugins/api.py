@@ -21,6 +21,7 @@ from .errors import (
     NonFiniteError,
     NothingToRelaxError,
     NotRelaxedError,
+    RelaxError,
     UnknownAdapterError,
 )
 from .plugins import adapter_names, find_term, wrapper_class_for
@@ -428,6 +429,10 @@ def _all_penalty_terms(layers: list[tuple[str, RelaxedModule]]) -> list[tuple[st
     out: list[tuple[str, PenaltyTerms]] = []
     for name, layer in layers:
         term = layer.term
+        recorded = term.recorded_state()
+        if recorded and all(v is None for v in recorded.values()):
+            raise RelaxError(f"penalty: layer {name or '<root>'!r} ({type(layer.base).__name__}) has not run a "
+                             "forward pass yet: run the model on a batch before penalty()")
         key = term.batchable_penalty() if isinstance(term, LinearRelaxation) else None
         if key is None:
             out.append((name, _check_penalty_terms(term.penalty_terms(), name, layer)))

@@ -247,7 +247,8 @@ class LinearRelaxation(RelaxationTerm):
         (Reynolds average over a finite group, or the generators' null space for small layers).
         """
         if self._projector is None:
-            self._projector = GenericProjector(self.symmetry)
+            # a cache, not a submodule: building it (e.g. in a report) must not change the module tree
+            object.__setattr__(self, "_projector", GenericProjector(self.symmetry))
         return self._projector(W)
 
     def projected(self) -> Tensor:
