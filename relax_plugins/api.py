@@ -201,6 +201,9 @@ def relax(
                 "(tied weights), but include/exclude (or an enclosing relaxed layer) select only some of its "
                 "uses: relax all of them or none. The model was not changed."
             )
+    if penalty_samples is not None and not any(isinstance(t, LinearRelaxation) for *_, t in targets):
+        raise ValueError("penalty_samples applies to pointwise layers (LinearRelaxation terms) and none of the "
+                         "recognised layers is one. The model was not changed.")
     unread = sorted(set(extra) - options.read)
     if unread:
         raise ValueError(

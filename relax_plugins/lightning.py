@@ -133,6 +133,10 @@ class RelaxationCallback(pl.Callback):
         return self.run.state_dict() if self.run is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or (state_dict and set(state_dict) != {"position", "history", "schedule"}):
+            got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"not a RelaxationCallback state: expected keys ['history', 'position', 'schedule'], "
+                             f"got {got}")
         if state_dict:
             self._pending_state = state_dict
             if self.run is not None:
