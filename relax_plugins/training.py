@@ -89,6 +89,9 @@ class RelaxedTraining:
 
     def loss(self, task_loss: Tensor) -> Tensor:
         """``task_loss + penalty``; logs both (as floats) in :attr:`history`."""
+        if not isinstance(task_loss, Tensor) or task_loss.numel() != 1 or not task_loss.is_floating_point():
+            raise TypeError(f"task_loss must be a one-element floating tensor, got {type(task_loss).__name__}"
+                            + (f" of shape {tuple(task_loss.shape)}" if isinstance(task_loss, Tensor) else ""))
         pen = self.penalty()
         self.history.append(
             {"position": self.position - 1, "theta": self.theta, "task": float(task_loss.detach()),

@@ -372,6 +372,14 @@ def test_relaxed_training_rejects(args, kwargs, exc):
     check(relaxed(), lambda m: rp.RelaxedTraining(m, *args, **kwargs), exc)
 
 
+@pytest.mark.parametrize("loss", [1.0, torch.ones(3), torch.tensor(1)], ids=["float", "vector", "int_tensor"])
+def test_relaxed_training_loss_needs_a_scalar_tensor(loss):
+    model = ran(relaxed())
+    run = rp.RelaxedTraining(model, "triangular", total=3)
+    check(model, lambda m: run.loss(loss), TypeError, "task_loss")
+    assert run.history == []
+
+
 def test_relaxed_training_needs_relaxed_model():
     check(plain(), lambda m: rp.RelaxedTraining(m, "triangular", 3), rp.NotRelaxedError)
 
