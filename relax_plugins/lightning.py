@@ -9,6 +9,7 @@ without this library); the relaxed state rides along under ``checkpoint["relax_p
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 try:
@@ -94,12 +95,18 @@ class RelaxationCallback(pl.Callback):
         pl_module._relax_plugins_patched = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.per == "epoch":
-            total = trainer.max_epochs
+        if isinstance(self.schedule, Schedule):
+            total = None  # a Schedule carries its own total (e.g. a run resumed or stopped early)
         else:
-            total = int(trainer.estimated_stepping_batches)
-        if total is None or total < 1:
-            raise ValueError("RelaxationCallback needs a finite max_epochs (per='epoch') or max_steps (per='step')")
+            if self.per == "epoch":
+                total = trainer.max_epochs
+            else:
+                steps = trainer.estimated_stepping_batches
+                total = int(steps) if math.isfinite(steps) else None
+            if total is None or total < 1:
+                raise ValueError(
+                    "RelaxationCallback needs a finite max_epochs (per='epoch') or max_steps (per='step')"
+                )
         self.run = RelaxedTraining(
             pl_module, self.schedule, total=total, lie=self.lie, norm=self.norm, form=self.form
         )
