@@ -433,7 +433,7 @@ def _all_penalty_terms(layers: list[tuple[str, RelaxedModule]]) -> list[tuple[st
     for name, layer in layers:
         term = layer.term
         recorded = term.recorded_state()
-        if recorded and all(v is None for v in recorded.values()):
+        if recorded and not any(isinstance(v, Tensor) for v in recorded.values()):
             raise RelaxError(f"penalty: layer {name or '<root>'!r} ({type(layer.base).__name__}) has not run a "
                              "forward pass yet: run the model on a batch before penalty()")
         key = term.batchable_penalty() if isinstance(term, LinearRelaxation) else None

@@ -111,6 +111,12 @@ def escnn_model():
     return model, t
 
 
+def test_escnn_penalty_before_any_forward(escnn_model):
+    model, _ = escnn_model
+    with pytest.raises(rp.RelaxError, match="'0'.*forward"):
+        rp.penalty(model)
+
+
 def test_escnn_empty_batch_gives_a_finite_penalty(escnn_model):
     model, t = escnn_model
     rp.set_theta(model, 1.0)
