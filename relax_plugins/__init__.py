@@ -22,6 +22,7 @@ from .dual import DualAscentTheta
 from .errors import (
     AdapterError,
     AlreadyRelaxedError,
+    NonFiniteError,
     NothingToRelaxError,
     NotRelaxedError,
     PluginLoadError,
@@ -83,6 +84,7 @@ __all__ = [
     "RelaxError",
     "AdapterError",
     "AlreadyRelaxedError",
+    "NonFiniteError",
     "NothingToRelaxError",
     "NotRelaxedError",
     "PluginLoadError",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-import math
+import random
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -11,12 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_bool, check_choice, check_int, check_mapping, check_module, check_patterns, check_real
 from .copying import module_copy
 from .errors import (
     AdapterError,
     AlreadyRelaxedError,
+    NonFiniteError,
     NothingToRelaxError,
     NotRelaxedError,
+    RelaxError,
     UnknownAdapterError,
 )
 from .plugins import adapter_names, find_term, observe, wrapper_class_for
@@ -33,6 +38,7 @@ __all__ = [
     "relaxed_modules",
     "projection_report",
     "projected_state_dict",
+    "preserved_state",
     "PENALTY_FORMS",
 ]
 
@@ -119,20 +125,25 @@ def relax(
 
     Args:
         model: any ``nn.Module``.
-        adapters: restrict to these adapter names (see :func:`list_adapters`).
-        include: only relax layers whose qualified name matches one of these fnmatch patterns.
-        exclude: skip layers whose qualified name matches one of these patterns.
-        rank: low-rank W of this rank (None: dense W).
-        init_std: std of a random initial dense W (0 keeps outputs unchanged).
+        adapters: restrict to these adapter names (see :func:`list_adapters`); one name or a list.
+        include: only relax layers whose qualified name matches one of these fnmatch patterns (one
+            pattern as a string, or a list of patterns).
+        exclude: skip layers whose qualified name matches one of these patterns (string or list).
+        rank: low-rank W of this rank, an int >= 1 (None: dense W).
+        init_std: std of a random initial dense W, a finite number >= 0 (0 keeps outputs unchanged).
         penalty_samples: compute pointwise layers' penalties on at most this many recorded samples
-            (an evenly strided, rescaled subset: an estimate of the full sums); None uses all.
-        adapter_options: extra options passed to every adapter's ``relax_make_term``.
+            (an evenly strided, rescaled subset: an estimate of the full sums); an int >= 1, None uses all.
+        adapter_options: extra options passed to every adapter's ``relax_make_term`` (a dict; every key
+            must be read by some adapter, and ``rank``/``init_std`` are arguments of their own).
         example_inputs: inputs of one forward call (a tensor, a tuple of positional arguments, a
             dict of keyword arguments, or ``{"args": ..., "kwargs": ...}``). Adapters that
             recognise layers by what they do observe the model on them before anything is changed
             (the ``vn`` adapter finds vector-neuron channel maps however they are written). The
             probe runs in eval mode without gradients and leaves the model's modes, parameters,
             buffers and the random number generators exactly as they were.
+
+    A layer object used at several places (tied weights) gets one wrapper, installed at every use: the
+    relaxation is tied too (its penalty sees the inputs of the last use that ran).
 
     Returns:
         ``model`` itself (or the wrapper if the root was relaxed).
@@ -141,8 +152,11 @@ def relax(
         AlreadyRelaxedError: ``model`` already holds relaxed layers.
         UnknownAdapterError: a name in ``adapters`` is not loaded.
         NothingToRelaxError: no layer was recognised.
-        AdapterError: an adapter failed on a layer or on the probe forward (nothing was changed).
-        TypeError: ``example_inputs`` is not one of the accepted forms.
+        AdapterError: an adapter failed on a layer, on the probe forward, or returned something invalid
+            (nothing was changed).
+        TypeError, ValueError: an argument of the wrong type or out of range (checked before anything
+            else; ``example_inputs`` not one of the accepted forms), an unread adapter option, or a tied
+            layer selected at only some of its uses.
 
     Example:
         >>> import torch, relax_plugins as rp
@@ -151,20 +165,25 @@ def relax(
         >>> rp.relax(model) is model
         True
     """
+    check_module(model, "model")
+    include, exclude = check_patterns(include, "include"), check_patterns(exclude, "exclude")
+    names = check_patterns(adapters, "adapters")
+    rank = check_int(rank, "rank", minimum=1, none_ok=True)
+    init_std = check_real(init_std, "init_std", minimum=0.0)
+    penalty_samples = check_int(penalty_samples, "penalty_samples", minimum=1, none_ok=True)
+    extra = check_mapping(adapter_options, "adapter_options")
+    clash = sorted(set(extra) & {"rank", "init_std"})
+    if clash:
+        raise ValueError(f"adapter_options must not set {clash}: pass them as relax() arguments")
     if any(True for _ in relaxed_modules(model)):
         raise AlreadyRelaxedError("model already holds relaxed layers; project() it first or relax a fresh copy")
-    if not math.isfinite(init_std) or init_std < 0:
-        raise ValueError(f"init_std must be finite and >= 0, got {init_std}")
     allowed = None
-    if adapters is not None:
-        allowed = set([adapters] if isinstance(adapters, str) else adapters)
+    if names is not None:
+        allowed = set(names)
         unknown = allowed - set(adapter_names())
         if unknown:
             raise UnknownAdapterError(f"unknown adapter(s) {sorted(unknown)}; loaded adapters: {adapter_names()}")
-    if penalty_samples is not None and int(penalty_samples) < 1:
-        raise ValueError(f"penalty_samples must be >= 1, got {penalty_samples}")
-    include, exclude = (None if p is None else list(p) for p in (include, exclude))
-    options = {"rank": rank, "init_std": float(init_std), **(adapter_options or {})}
+    options = _TrackedOptions({"rank": rank, "init_std": init_std, **extra})
     if example_inputs is not None:
         call = normalize_example_inputs(example_inputs)
         try:
@@ -175,12 +194,20 @@ def relax(
                 "The model was not changed."
             ) from exc
 
-    targets: list[tuple[str, nn.Module, str, RelaxationTerm]] = []
+    # every place a module object is used (a module used twice has tied weights: relax all uses or none)
+    uses: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        uses.setdefault(id(module), []).append(name)
+    targets: list[tuple[list[str], nn.Module, str, RelaxationTerm]] = []
+    target_of: dict[int, int] = {}
 
     def visit(name: str, module: nn.Module) -> None:
         if _matches(name, exclude):
             return
         wanted = include is None or _matches(name, include)
+        if wanted and id(module) in target_of:  # another use of a layer already chosen
+            targets[target_of[id(module)]][0].append(name)
+            return
         if wanted:
             try:
                 found = find_term(module, name, options, allowed, root=model)
@@ -191,15 +218,18 @@ def relax(
                 ) from exc
             if found is not None:
                 adapter, term = found
+                _check_term(term, module, name, adapter, [t for _, _, _, t in targets])
                 if isinstance(term, LinearRelaxation):
-                    term.penalty_samples = None if penalty_samples is None else int(penalty_samples)
+                    term.penalty_samples = penalty_samples
                 placement = _module_placement(module, name)
                 if placement is not None:
                     term = term.to(dtype=placement[0], device=placement[1])
-                targets.append((name, module, adapter, term))
+                target_of[id(module)] = len(targets)
+                targets.append(([name], module, adapter, term))
                 return
-        for child_name, child in module.named_children():
-            visit(f"{name}.{child_name}" if name else child_name, child)
+        for child_name, child in module._modules.items():  # not named_children(): it skips repeated uses
+            if child is not None:
+                visit(f"{name}.{child_name}" if name else child_name, child)
 
     visit("", model)
     if not targets:
@@ -215,43 +245,100 @@ def relax(
             + "name the layers (include=[...], adapter_options={'vn_names': [...]}) or declare their classes "
             "(relax_pyg.declare); see each adapter's documentation (relax_plugins.list_adapters())."
         )
+    for used_at, module, _, _ in targets:
+        missed = [n for n in uses[id(module)] if n not in used_at]
+        if missed:
+            raise ValueError(
+                f"layer {used_at[0] or '<root>'!r} ({type(module).__name__}) is the same object as {missed} "
+                "(tied weights), but include/exclude (or an enclosing relaxed layer) select only some of its "
+                "uses: relax all of them or none. The model was not changed."
+            )
+    if penalty_samples is not None and not any(isinstance(t, LinearRelaxation) for *_, t in targets):
+        raise ValueError("penalty_samples applies to pointwise layers (LinearRelaxation terms) and none of the "
+                         "recognised layers is one. The model was not changed.")
+    unread = sorted(set(extra) - options.read)
+    if unread:
+        raise ValueError(
+            f"adapter_options {unread} were not read by any adapter on this model (misspelt, or meant for "
+            "layers the model does not hold). The model was not changed."
+        )
 
     wrappers = []
-    for name, module, adapter, term in targets:
+    for used_at, module, adapter, term in targets:
         cls = wrapper_class_for(module, adapter) or RelaxedModule
-        if not issubclass(cls, RelaxedModule):
-            raise AdapterError(f"adapter {adapter!r} returned wrapper class {cls!r}, not a RelaxedModule subclass")
-        wrappers.append((name, cls(module, term, adapter)))
-    if wrappers[0][0] == "":
-        return wrappers[0][1]
+        if not (isinstance(cls, type) and issubclass(cls, RelaxedModule)):
+            raise AdapterError(
+                f"adapter {adapter!r} returned wrapper class {cls!r} for layer {used_at[0] or '<root>'!r}, "
+                "not a RelaxedModule subclass. The model was not changed."
+            )
+        wrappers.append(cls(module, term, adapter))
+    if targets[0][0] == [""]:
+        return wrappers[0]
     done: list[tuple[str, nn.Module]] = []
     try:
-        for (name, module, _, _), (_, wrapper) in zip(targets, wrappers):
-            model.set_submodule(name, wrapper)
-            done.append((name, module))
-    except Exception:
+        for (used_at, module, _, _), wrapper in zip(targets, wrappers):
+            for name in used_at:
+                model.set_submodule(name, wrapper)
+                done.append((name, module))
+    except BaseException:  # KeyboardInterrupt too: never leave a half-relaxed model
         for name, module in reversed(done):
             model.set_submodule(name, module)
         raise
     return model
 
 
+class _TrackedOptions(dict):
+    """The options passed to adapters; remembers which keys an adapter read."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: Any) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(key)  # type: ignore[arg-type]
+        return super().__contains__(key)
+
+
+def _check_term(term: Any, module: nn.Module, name: str, adapter: str, others: list[RelaxationTerm]) -> None:
+    """An adapter's term is validated before it touches the model."""
+    where = f"adapter {adapter!r} on layer {name or '<root>'!r} ({type(module).__name__})"
+    if not isinstance(term, RelaxationTerm):
+        raise AdapterError(f"{where} returned {type(term).__name__}, not a RelaxationTerm. The model was not changed.")
+    if any(term is t for t in others):
+        raise AdapterError(f"{where} returned a term already used for another layer. The model was not changed.")
+    own = {id(t) for t in (*module.parameters(), *module.buffers())}
+    if term is module or any(id(t) in own for t in (*term.parameters(), *term.buffers())):
+        raise AdapterError(f"{where} returned a term that holds the layer's own tensors. The model was not changed.")
+    for pname, p in term.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise NonFiniteError(f"{where} returned a term whose {pname!r} is not finite. The model was not changed.")
+
+
 def _require_relaxed(model: nn.Module, what: str) -> list[tuple[str, RelaxedModule]]:
+    check_module(model, "model")
     found = list(relaxed_modules(model))
     if not found:
         raise NotRelaxedError(f"{what}: the model holds no relaxed layer (call relax_plugins.relax(model) first)")
     return found
 
 
-def _check_theta(value: float) -> float:
-    v = float(value)
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"θ must be a finite number >= 0, got {value!r}")
-    return v
+def _check_theta(value: Any, name: str = "θ") -> float:
+    return check_real(value, name, minimum=0.0)
 
 
 def set_theta(model: nn.Module, value: float | dict[str, float]) -> None:
     """Set θ of every relaxed layer (a number), or per layer (a dict name → θ).
+
+    θ must be a finite real number >= 0 (not a bool or a string); all values are checked before any
+    layer changes.
 
     Example:
         >>> import torch, relax_plugins as rp
@@ -265,8 +352,8 @@ def set_theta(model: nn.Module, value: float | dict[str, float]) -> None:
         names = {n for n, _ in layers}
         unknown = set(value) - names
         if unknown:
-            raise KeyError(f"no relaxed layer named {sorted(unknown)}; relaxed layers: {sorted(names)}")
-        checked = {k: _check_theta(v) for k, v in value.items()}
+            raise KeyError(f"no relaxed layer named {sorted(unknown, key=repr)}; relaxed layers: {sorted(names)}")
+        checked = {k: _check_theta(v, f"θ of layer {k!r}") for k, v in value.items()}
         with torch.no_grad():
             for name, layer in layers:
                 if name in checked:
@@ -290,6 +377,15 @@ def get_theta(model: nn.Module) -> dict[str, float]:
     return {n: float(m.theta) for n, m in _require_relaxed(model, "get_theta")}
 
 
+def check_penalty_args(lie: Any, norm: Any, form: Any, eps: Any) -> tuple[float, float, str, float]:
+    """Validate :func:`penalty`'s settings (also used up front by the training helpers)."""
+    form = check_choice(form, "form", PENALTY_FORMS)
+    lie, norm = check_real(lie, "lie"), check_real(norm, "norm")
+    # √ has an infinite derivative at 0 and W = 0 at the start: ε = 0 would give NaN gradients
+    eps = check_real(eps, "eps", positive=form != "mean")
+    return lie, norm, form, eps
+
+
 def penalty(
     model: nn.Module,
     lie: float = 1e-2,
@@ -309,7 +405,13 @@ def penalty(
     * ``form="paper"``: lie·√(Σ_l LD_l + ε) + norm·√(Σ_l N_l + ε), the authors' code (sums, so its
       strength grows with the batch size).
 
-    Inputs are detached: the penalty trains W only.
+    Inputs are detached: the penalty trains W only. ``lie``, ``norm`` are finite numbers >= 0; ``eps``
+    must be > 0 for the root forms (√ has an infinite slope at 0, where W starts). A layer that saw
+    no samples (an empty batch) contributes 0.
+
+    Raises:
+        NonFiniteError: the penalty came out NaN/inf; the message names the layer and whether its
+            recorded input, its relaxation weights or the penalty computation is at fault.
 
     Example:
         >>> import torch, relax_plugins as rp
@@ -319,41 +421,89 @@ def penalty(
         >>> float(rp.penalty(m).detach()) < 1e-5   # W = 0 at the start
         True
     """
-    if form not in PENALTY_FORMS:
-        raise ValueError(f"form must be one of {PENALTY_FORMS}, got {form!r}")
-    for v, n in ((lie, "lie"), (norm, "norm"), (eps, "eps")):
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"{n} must be finite and >= 0, got {v}")
+    lie, norm, form, eps = check_penalty_args(lie, norm, form, eps)
     layers = _require_relaxed(model, "penalty")
+    per_layer = _all_penalty_terms(layers)
     lie_total: Tensor | float = 0.0
     norm_total: Tensor | float = 0.0
-    for t in _all_penalty_terms([layer.term for _, layer in layers]):
+    for _, t in per_layer:
         scale = 1.0 if form == "paper" else 1.0 / max(t.samples, 1)
         lie_total = lie_total + t.lie * scale
         norm_total = norm_total + t.norm * scale
     if form == "mean":
-        return lie * lie_total + norm * norm_total
-    return lie * torch.sqrt(lie_total + eps) + norm * torch.sqrt(norm_total + eps)
+        out = lie * lie_total + norm * norm_total
+    else:
+        out = lie * torch.sqrt(lie_total + eps) + norm * torch.sqrt(norm_total + eps)
+    out = torch.as_tensor(out)
+    if not bool(torch.isfinite(out.detach()).all()):  # one check per call; diagnose only on failure
+        _raise_non_finite(layers, per_layer)
+    return out
 
 
-def _all_penalty_terms(terms: list[RelaxationTerm]) -> list[PenaltyTerms]:
+def _raise_non_finite(layers: list[tuple[str, RelaxedModule]], per_layer: list[tuple[str, PenaltyTerms]]) -> None:
+    by_name = dict(layers)
+    for name, t in per_layer:
+        values = [torch.as_tensor(v).detach() for v in (t.lie, t.norm)]
+        if all(bool(torch.isfinite(v).all()) for v in values):
+            continue
+        layer = by_name[name]
+        where = f"layer {name or '<root>'!r} ({type(layer.base).__name__}, adapter {layer.adapter!r})"
+        bad_w = [n for n, p in layer.term.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if bad_w:
+            raise NonFiniteError(f"penalty of {where} is not finite: its relaxation weights {bad_w} hold NaN/inf "
+                                 "(a diverged optimiser step?)")
+        bad_x = [k for k, v in layer.term.recorded_state().items()
+                 if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad_x:
+            raise NonFiniteError(f"penalty of {where} is not finite: the input recorded in the last forward pass "
+                                 "holds NaN/inf (from the model's own computation, upstream of this layer)")
+        raise NonFiniteError(f"penalty of {where} came out non-finite (lie={float(values[0]):g}, "
+                             f"norm={float(values[1]):g}) from finite inputs and weights: overflow in the "
+                             "adapter's penalty (try float32/float64 instead of half precision)")
+    raise NonFiniteError("the penalty is not finite although every layer's terms are (overflow in the sum; "
+                         "lower lie/norm or use float64)")
+
+
+def _check_penalty_terms(t: Any, name: str, layer: RelaxedModule) -> PenaltyTerms:
+    """An adapter's penalty_terms() value, validated before it reaches the loss."""
+    where = f"penalty_terms() of layer {name or '<root>'!r} (adapter {layer.adapter!r})"
+    if not isinstance(t, tuple) or len(t) != 3:
+        raise AdapterError(f"{where} returned {type(t).__name__}, not PenaltyTerms(lie, norm, samples)")
+    lie, norm, samples = t
+    for what, v in (("lie", lie), ("norm", norm)):
+        if not (isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point()):
+            raise AdapterError(f"{where}: {what} must be a one-element floating tensor, got {type(v).__name__}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise AdapterError(f"{where}: samples must be an int >= 0, got {samples!r}")
+    return t if isinstance(t, PenaltyTerms) else PenaltyTerms(lie, norm, samples)
+
+
+def _all_penalty_terms(layers: list[tuple[str, RelaxedModule]]) -> list[tuple[str, PenaltyTerms]]:
     """Every layer's PenaltyTerms; layers of equal shapes on the default path are batched."""
-    groups: dict[tuple, list[LinearRelaxation]] = {}
-    out: list[PenaltyTerms] = []
-    for term in terms:
+    groups: dict[tuple, list[tuple[str, LinearRelaxation]]] = {}
+    out: list[tuple[str, PenaltyTerms]] = []
+    for name, layer in layers:
+        term = layer.term
+        recorded = term.recorded_state()
+        if recorded and not any(isinstance(v, Tensor) for v in recorded.values()):
+            raise RelaxError(f"penalty: layer {name or '<root>'!r} ({type(layer.base).__name__}) has not run a "
+                             "forward pass yet: run the model on a batch before penalty()")
         key = term.batchable_penalty() if isinstance(term, LinearRelaxation) else None
         if key is None:
-            out.append(term.penalty_terms())
+            out.append((name, _check_penalty_terms(term.penalty_terms(), name, layer)))
         else:
-            groups.setdefault(key, []).append(term)
+            groups.setdefault(key, []).append((name, term))
     for group in groups.values():
-        out.extend(moment_penalties(group, [t.penalty_input() for t in group]))
+        terms = [t for _, t in group]
+        out.extend(zip([n for n, _ in group], moment_penalties(terms, [t.penalty_input() for t in terms])))
     return out
 
 
 def projection_report(model: nn.Module) -> dict[str, dict[str, float]]:
     """Per relaxed layer: θ, ||W||, ||W − P(W)||/||W|| and, from the last forward pass,
     θ||W x||/||f_θ(x)||, θ||(W − P(W)) x||/||f_θ(x)|| and the mean Lie/discrete defect.
+
+    Reads the model only: its parameters, buffers, train/eval modes and the RNG are left as they were.
 
     Example:
         >>> import torch, relax_plugins as rp
@@ -363,7 +513,63 @@ def projection_report(model: nn.Module) -> dict[str, dict[str, float]]:
         >>> sorted(rp.projection_report(m)["0"])[:4]
         ['lie_defect', 'merges', 'rel_output_error', 'rel_weight_error']
     """
-    return {n: m.term.projection_error(m.theta) for n, m in _require_relaxed(model, "projection_report")}
+    layers = _require_relaxed(model, "projection_report")
+    out: dict[str, dict[str, float]] = {}
+    with preserved_state(model):
+        for name, layer in layers:
+            row = layer.term.projection_error(layer.theta)
+            if not isinstance(row, dict) or not all(isinstance(k, str) for k in row):
+                raise AdapterError(f"projection_error() of layer {name or '<root>'!r} (adapter {layer.adapter!r}) "
+                                   f"returned {type(row).__name__}, not a dict with string keys")
+            out[name] = row
+    return out
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Run diagnostics on ``model`` and leave it as it was: parameter and buffer values (BatchNorm
+    statistics), every module's train/eval mode, the torch/NumPy/Python RNGs and what the relaxation
+    terms recorded from the user's last forward pass are restored on exit, errors included.
+
+    Example:
+        >>> import torch
+        >>> bn = torch.nn.BatchNorm1d(2)
+        >>> with preserved_state(bn):
+        ...     _ = bn(torch.randn(4, 2))
+        >>> bn.running_mean.tolist()
+        [0.0, 0.0]
+    """
+    tensors = []
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for key, t in store.items():
+                if t is not None:
+                    tensors.append((store, key, t, t.detach().clone()))
+    modes = [(m, m.training) for m in model.modules()]
+    recorded = [(t, t.recorded_state()) for t in model.modules() if isinstance(t, RelaxationTerm)]
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    py_rng = random.getstate()
+    np_mod = sys.modules.get("numpy")
+    np_rng = np_mod.random.get_state() if np_mod is not None else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for store, key, t, saved in tensors:
+                store[key] = t
+                if not torch.equal(t.detach(), saved):
+                    t.detach().copy_(saved)
+        for m, mode in modes:
+            m.training = mode
+        for term, state in recorded:
+            term.__dict__.update(state)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        random.setstate(py_rng)
+        if np_rng is not None:
+            np_mod.random.set_state(np_rng)
 
 
 def project(model: nn.Module, merge: bool = False) -> nn.Module:
@@ -392,23 +598,37 @@ def project(model: nn.Module, merge: bool = False) -> nn.Module:
         >>> type(rp.project(m)[0]).__name__
         'SO2Linear'
     """
+    merge = check_bool(merge, "merge")
     layers = _require_relaxed(model, "project")
     if merge:
-        dropped = []
-        # merges write into base weights: keep copies so that a failure changes nothing
-        saved = [{k: v.clone() for k, v in layer.base.state_dict().items()} for _, layer in layers]
         for name, layer in layers:
-            try:
-                ok = layer.term.merge(layer.base, layer.theta)
-            except Exception as exc:
-                for (_, done_layer), state in zip(layers, saved):
-                    done_layer.base.load_state_dict(state)
-                raise AdapterError(
-                    f"merge failed on layer {name or '<root>'!r} (adapter {layer.adapter!r}): {exc}. "
-                    "The model was not changed."
-                ) from exc
-            if not ok:
-                dropped.append(name or "<root>")
+            _check_mergeable(name, layer)
+        dropped = []
+        # merges write into base weights: keep copies so that a failure (or an interrupt) changes nothing
+        saved = [{k: v.clone() for k, v in layer.base.state_dict().items()} for _, layer in layers]
+        try:
+            for name, layer in layers:
+                try:
+                    ok = layer.term.merge(layer.base, layer.theta)
+                except Exception as exc:
+                    raise AdapterError(
+                        f"merge failed on layer {name or '<root>'!r} (adapter {layer.adapter!r}): {exc}. "
+                        "The model was not changed."
+                    ) from exc
+                if not isinstance(ok, bool):
+                    raise AdapterError(f"merge() of layer {name or '<root>'!r} (adapter {layer.adapter!r}) returned "
+                                       f"{type(ok).__name__}, not True/False. The model was not changed.")
+                bad = [k for k, v in layer.base.state_dict().items()
+                       if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+                if bad:
+                    raise NonFiniteError(f"merge into layer {name or '<root>'!r} (adapter {layer.adapter!r}) made "
+                                         f"{bad} non-finite. The model was not changed.")
+                if not ok:
+                    dropped.append(name or "<root>")
+        except BaseException:
+            for (_, done_layer), state in zip(layers, saved):
+                done_layer.base.load_state_dict(state)
+            raise
         if dropped:
             warnings.warn(
                 f"project(merge=True): {len(dropped)} layer(s) cannot hold θ·P(W) and were dropped: {dropped}",
@@ -416,9 +636,29 @@ def project(model: nn.Module, merge: bool = False) -> nn.Module:
             )
     if layers[0][0] == "":
         return layers[0][1].base
-    for name, layer in layers:
-        model.set_submodule(name, layer.base)
+    # every use of a wrapper (a tied layer is installed at several places)
+    uses = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, RelaxedModule)]
+    done: list[tuple[str, RelaxedModule]] = []
+    try:
+        for name, layer in uses:
+            model.set_submodule(name, layer.base)
+            done.append((name, layer))
+    except BaseException:
+        for name, layer in reversed(done):
+            model.set_submodule(name, layer)
+        raise
     return model
+
+
+def _check_mergeable(name: str, layer: RelaxedModule) -> None:
+    """θ and the relaxation weights must be finite before anything is folded into the base layer."""
+    where = f"layer {name or '<root>'!r} (adapter {layer.adapter!r})"
+    if not bool(torch.isfinite(layer.theta.detach()).all()):
+        raise NonFiniteError(f"θ of {where} is {float(layer.theta):g}: cannot merge. The model was not changed.")
+    bad = [n for n, p in layer.term.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteError(f"relaxation weights {bad} of {where} hold NaN/inf: cannot merge (project(merge=False) "
+                             "drops them). The model was not changed.")
 
 
 def projected_state_dict(model: nn.Module, merge: bool = False) -> dict[str, Tensor]:
@@ -437,18 +677,25 @@ def projected_state_dict(model: nn.Module, merge: bool = False) -> dict[str, Ten
         >>> list(rp.projected_state_dict(m))
         ['0.a', '0.b']
     """
+    merge = check_bool(merge, "merge")
     layers = _require_relaxed(model, "projected_state_dict")
     state = model.state_dict()
-    replaced: dict[str, dict[str, Tensor]] = {}
+    bases: dict[int, dict[str, Tensor]] = {}
     for name, layer in layers:
-        prefix = f"{name}." if name else ""
         base = layer.base
         if merge:
+            _check_mergeable(name, layer)
             base = module_copy(base)
             with torch.no_grad():
                 if not layer.term.merge(base, layer.theta):
                     base = layer.base
-        replaced[prefix] = {prefix + k: v for k, v in base.state_dict().items()}
+        bases[id(layer)] = base.state_dict()
+    # every use of a wrapper (a tied layer is installed at several places)
+    replaced: dict[str, dict[str, Tensor]] = {}
+    for name, layer in model.named_modules(remove_duplicate=False):
+        if isinstance(layer, RelaxedModule):
+            prefix = f"{name}." if name else ""
+            replaced[prefix] = {prefix + k: v for k, v in bases[id(layer)].items()}
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         owner = next((p for p in replaced if key.startswith(p)), None)

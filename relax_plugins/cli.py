@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pickle
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .errors import RelaxError
 from .plugins import list_adapters
 
 
@@ -17,14 +20,86 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join("  ".join(f"{c:{w}}" for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
 
 
-def _state_dict_of(obj: Any) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
+class CliError(Exception):
+    """A user error of the command line: reported as one line, exit status 2."""
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _state_dict_of(obj: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """The model state in a checkpoint and where it was found.
+
+    A checkpoint of :class:`relax_plugins.lightning.RelaxationCallback` keeps the *projected* model
+    under ``state_dict`` and the relaxed one under ``relax_plugins/state_dict``: the relaxed one is
+    reported.
+    """
+    if _is_state_dict(obj):
+        return obj, "state_dict"
     if isinstance(obj, dict):
+        relaxed = obj.get("relax_plugins")
+        if isinstance(relaxed, dict) and _is_state_dict(relaxed.get("state_dict")):
+            return relaxed["state_dict"], "relaxed state saved by RelaxationCallback (Lightning)"
         for key in ("model", "state_dict", "model_state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                return _state_dict_of(obj[key])
-    raise SystemExit("checkpoint holds no state_dict (expected a state_dict or a dict with a 'model' entry)")
+            if _is_state_dict(obj.get(key)):
+                return obj[key], f"checkpoint[{key!r}]"
+    raise CliError(
+        "checkpoint holds no state_dict (expected a state_dict, a dict with a 'model'/'state_dict' entry, "
+        f"or a Lightning checkpoint); found {type(obj).__name__}"
+    )
+
+
+def _load_checkpoint(path: str) -> Any:
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"no such file: {path}")
+    if not p.is_file():
+        raise CliError(f"not a file: {path}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise CliError(f"cannot read {path}: permission denied") from None
+    except pickle.UnpicklingError:
+        raise CliError(
+            f"{path} is not a tensors-only torch checkpoint: weights_only loading refused it (a pickled "
+            "model, or a corrupt file; save model.state_dict())"
+        ) from None
+    except Exception as exc:  # truncated zip, random bytes, ...
+        raise CliError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {_first(exc)})") from None
+
+
+def _first(exc: BaseException) -> str:
+    """The first sentence of an exception's message (torch's messages run to several lines)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    head = text.split(". ")[0]
+    return head if len(head) <= 160 else head[:157] + "..."
+
+
+def _build_model(spec: str) -> torch.nn.Module:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CliError(f"--model must be 'package.module:factory', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise CliError(f"--model {spec}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from None
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise CliError(f"--model {spec}: {module_name!r} has no attribute {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise CliError(f"--model {spec}: {attr!r} is not callable")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise CliError(f"--model {spec}: the factory failed ({type(exc).__name__}: {exc})") from None
+    if not isinstance(model, torch.nn.Module):
+        raise CliError(f"--model {spec}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def checkpoint_summary(state: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -51,8 +126,7 @@ def checkpoint_summary(state: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
 
 
 def _report(args: argparse.Namespace) -> int:
-    obj = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    state = _state_dict_of(obj)
+    state, where = _state_dict_of(_load_checkpoint(args.checkpoint))
     rows = checkpoint_summary(state)
     if not rows:
         sys.stdout.write("no relaxed layer in this checkpoint (already projected, or not a relaxed model)\n")
@@ -61,25 +135,49 @@ def _report(args: argparse.Namespace) -> int:
         table = [("layer", "theta", "||W||")] + [
             (r["layer"], f"{r['theta']:.4g}", f"{r.get('weight_norm', float('nan')):.4g}") for r in rows
         ]
-        sys.stdout.write(_table(table) + "\n(pass --model module:factory for projection errors)\n")
+        sys.stdout.write(f"{where}\n" + _table(table) + "\n(pass --model module:factory for projection errors)\n")
         return 0
     import relax_plugins as rp
 
-    module_name, _, attr = args.model.partition(":")
-    model = getattr(importlib.import_module(module_name), attr)()
-    model = rp.relax(model)
-    model.load_state_dict(state)
+    model = _build_model(args.model)
+    try:
+        model = rp.relax(model)
+    except Exception as exc:
+        raise CliError(f"--model {args.model}: relax() failed ({type(exc).__name__}: {exc})") from None
+    missing, unexpected = _key_mismatch(model, state)
+    if missing or unexpected:
+        raise CliError(
+            f"the checkpoint does not belong to --model {args.model}: {len(missing)} missing key(s) "
+            f"{missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}"
+        )
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise CliError(f"the checkpoint does not fit --model {args.model}: {_first(exc)}") from None
     report = {"layers": rp.projection_report(model), "model": {}}
     from .diagnostics import format_report, save_report
 
     sys.stdout.write(format_report(report) + "\n")
     if args.json:
-        save_report(report, args.json)
+        try:
+            save_report(report, args.json)
+        except OSError as exc:
+            raise CliError(f"cannot write --json {args.json}: {exc.strerror or exc}") from None
     return 0
 
 
+def _key_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    # escnn's eval-mode filter caches are derived from the weights: not required either way
+    derived = ("filter", "expanded_bias", "matrix")
+    own = set(model.state_dict())
+    missing = sorted(k for k in own - set(state) if k.rpartition(".")[2] not in derived)
+    unexpected = sorted(k for k in set(state) - own if k.rpartition(".")[2] not in derived)
+    return missing, unexpected
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``relax-plugins`` command.
+    """Entry point of the ``relax-plugins`` command; user errors (bad paths, files that are not
+    checkpoints, bad ``--model`` specs) print one line on stderr and return 2.
 
     Example:
         >>> main(["list"]) == 0  # doctest: +ELLIPSIS
@@ -94,13 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--model", help="module:factory building the unrelaxed model, for projection errors")
     rep.add_argument("--json", help="also write the report as JSON here")
     args = ap.parse_args(argv)
-    if args.cmd == "list":
-        rows = [("adapter", "distribution", "layers")] + [
-            (a.name, a.distribution, a.layers or a.description) for a in list_adapters()
-        ]
-        sys.stdout.write(_table(rows) + "\n")
-        return 0
-    return _report(args)
+    try:
+        if args.cmd == "list":
+            rows = [("adapter", "distribution", "layers")] + [
+                (a.name, a.distribution, a.layers or a.description) for a in list_adapters()
+            ]
+            sys.stdout.write(_table(rows) + "\n")
+            return 0
+        return _report(args)
+    except (CliError, RelaxError) as exc:
+        sys.stderr.write(f"relax-plugins {args.cmd}: error: {exc}\n")
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import project, projection_report, relaxed_modules
+from ._checks import check_bool, check_real
+from .api import _require_relaxed, preserved_state, project, projection_report, relaxed_modules
 
 __all__ = ["equivariance_report", "format_report", "save_report", "plot_report", "plot_history"]
 
@@ -43,18 +44,33 @@ def equivariance_report(
         >>> sorted(r)
         ['layers', 'model']
     """
-    with torch.no_grad():
+    _require_relaxed(model, "equivariance_report")
+    if error_fn is not None and not callable(error_fn):
+        raise TypeError(f"error_fn must be a callable model -> float or None, got {type(error_fn).__name__}")
+    merge = check_bool(merge, "merge")
+    if not inputs:
+        raise TypeError("equivariance_report needs one batch of inputs: equivariance_report(model, x, ...)")
+    # the report's batch runs through the model as it is (train or eval mode), then everything it
+    # touched (BatchNorm statistics, dropout's RNG draws, the recorded activations) is put back
+    with preserved_state(model), torch.no_grad():
         model(*inputs)
         layers = projection_report(model)
-    for name, layer in relaxed_modules(model):
-        layers[name]["adapter"] = layer.adapter
-        layers[name]["layer"] = type(layer.base).__name__
-    out: dict[str, Any] = {"layers": layers, "model": {}}
-    if error_fn is not None:
-        with torch.no_grad():
-            out["model"]["relaxed"] = float(error_fn(model))
-            out["model"]["projected"] = float(error_fn(project(copy.deepcopy(model), merge=merge)))
+        for name, layer in relaxed_modules(model):
+            layers[name]["adapter"] = layer.adapter
+            layers[name]["layer"] = type(layer.base).__name__
+        out: dict[str, Any] = {"layers": layers, "model": {}}
+        if error_fn is not None:
+            out["model"]["relaxed"] = _error_value(error_fn(model), "relaxed")
+            projected = project(copy.deepcopy(model), merge=merge)
+            out["model"]["projected"] = _error_value(error_fn(projected), "projected")
     return out
+
+
+def _error_value(value: Any, which: str) -> float:
+    try:
+        return check_real(value, f"error_fn({which} model)", minimum=None)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{exc} (error_fn must return a finite number)") from None
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -64,6 +80,7 @@ def format_report(report: dict[str, Any]) -> str:
         >>> print(format_report({"layers": {"0": {"theta": 0.5}}, "model": {}}).splitlines()[0].split()[:2])
         ['layer', 'theta']
     """
+    _check_report(report)
     header = f"{'layer':24s} " + " ".join(f"{c:>16s}" for c in LAYER_COLUMNS)
     lines = [header, "-" * len(header)]
     for name, row in report["layers"].items():
@@ -76,10 +93,19 @@ def format_report(report: dict[str, Any]) -> str:
 
 def save_report(report: dict[str, Any], path: str | Path) -> Path:
     """Write the report as JSON."""
+    _check_report(report)
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, sort_keys=True))
     return path
+
+
+def _check_report(report: Any) -> None:
+    if not (isinstance(report, dict) and isinstance(report.get("layers"), dict)
+            and all(isinstance(row, dict) for row in report["layers"].values())):
+        raise TypeError("report must be a dict from equivariance_report(): {'layers': {name: {...}}, 'model': {...}}")
 
 
 def _save(fig: Any, path: str | Path) -> Path:
@@ -95,6 +121,7 @@ def _save(fig: Any, path: str | Path) -> Path:
 
 def plot_report(report: dict[str, Any], path: str | Path, columns: Sequence[str] = LAYER_COLUMNS[1:]) -> Path:
     """Per-layer bar charts (log scale) of the report's columns, as a PNG (needs matplotlib)."""
+    _check_report(report)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -16,14 +16,15 @@ only **approximately** equivariant: do not project it if you want to keep that s
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_bool, check_real
 from .api import _require_relaxed
+from .errors import NonFiniteError
 
 __all__ = ["DualAscentTheta"]
 
@@ -64,11 +65,11 @@ class DualAscentTheta:
         slack_lr: float = 1e-2,
         augmented: float = 0.0,
     ) -> None:
-        checks = ((init, "init"), (dual_lr, "dual_lr"), (slack_cost, "slack_cost"), (slack_lr, "slack_lr"),
-                  (augmented, "augmented"))
-        for v, n in checks:
-            if not math.isfinite(v) or v < 0:
-                raise ValueError(f"{n} must be finite and >= 0, got {v}")
+        init, dual_lr, slack_cost, slack_lr, augmented = (
+            check_real(v, n) for v, n in ((init, "init"), (dual_lr, "dual_lr"), (slack_cost, "slack_cost"),
+                                          (slack_lr, "slack_lr"), (augmented, "augmented"))
+        )
+        resilient = check_bool(resilient, "resilient")
         self.model = model
         self.dual_lr, self.resilient = dual_lr, resilient
         self.slack_cost, self.slack_lr = slack_cost, slack_lr
@@ -101,6 +102,10 @@ class DualAscentTheta:
     @torch.no_grad()
     def step(self) -> None:
         """After ``optimizer.step()``: the dual (and, resilient, slack) updates."""
+        bad = [name or "<root>" for name, layer in self.layers if not bool(torch.isfinite(layer.theta).all())]
+        if bad:
+            raise NonFiniteError(f"γ (= θ) of layer(s) {bad} is NaN/inf after the optimiser step: lower the "
+                                 "learning rate; the duals were not updated")
         for name, layer in self.layers:
             # constraint 0 ≤ γ ≤ u (u = 0 unless resilient): projected γ, λ ≥ 0
             layer.theta.clamp_(min=0.0)
@@ -129,5 +134,17 @@ class DualAscentTheta:
         return {"lambdas": dict(self.lambdas), "slacks": dict(self.slacks)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lambdas = {k: float(v) for k, v in state["lambdas"].items()}
-        self.slacks = {k: float(v) for k, v in state["slacks"].items()}
+        """Restore :meth:`state_dict`; a state of another model (other layer names) or with negative or
+        non-finite duals raises before anything changes."""
+        if not isinstance(state, dict) or set(state) != {"lambdas", "slacks"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a DualAscentTheta state: expected keys ['lambdas', 'slacks'], got {got}")
+        names = sorted(self.lambdas)
+        new = {}
+        for key in ("lambdas", "slacks"):
+            part = state[key]
+            if not isinstance(part, dict) or sorted(part) != names:
+                got = sorted(part) if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"state[{key!r}] belongs to another model: layers {got}, this model has {names}")
+            new[key] = {k: check_real(v, f"state[{key!r}][{k!r}]") for k, v in part.items()}
+        self.lambdas, self.slacks = new["lambdas"], new["slacks"]

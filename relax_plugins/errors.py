@@ -32,3 +32,7 @@ class PluginLoadError(RelaxError, ImportError):
 
 class AdapterError(RelaxError):
     """An adapter failed while relaxing, projecting or merging a layer."""
+
+
+class NonFiniteError(RelaxError, FloatingPointError):
+    """A penalty, relaxation weight or merge came out NaN/inf; the message names the layer."""

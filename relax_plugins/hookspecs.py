@@ -52,6 +52,12 @@ def relax_make_term(
     Implementations may declare any subset of the arguments, without default values (pluggy does
     not pass arguments that have defaults).
 
+    The core validates what comes back before it touches the model: a :class:`RelaxationTerm`, with
+    finite parameters, none of the layer's own tensors and not already used for another layer
+    (``AdapterError``/``NonFiniteError`` otherwise); likewise ``penalty_terms()`` must return
+    ``PenaltyTerms(lie, norm, samples)`` and ``merge()`` a bool. Every option key the user passes must be
+    read by some adapter (through ``options[...]``, ``options.get`` or ``in``), or relax() refuses it.
+
     Args:
         module: a submodule of the user's model.
         name: its qualified name in the model ("" for the root).

@@ -9,6 +9,7 @@ without this library); the relaxed state rides along under ``checkpoint["relax_p
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 try:
@@ -16,8 +17,9 @@ try:
 except ImportError:  # the standalone distribution
     import pytorch_lightning as pl
 
-from .api import projected_state_dict, relaxed_modules
-from .schedules import Schedule
+from ._checks import check_bool, check_choice
+from .api import check_penalty_args, projected_state_dict, relaxed_modules
+from .schedules import Schedule, as_schedule
 from .training import RelaxedTraining
 
 __all__ = ["RelaxationCallback"]
@@ -52,8 +54,13 @@ class RelaxationCallback(pl.Callback):
         form: str = "sqrt",
         merge: bool = False,
     ) -> None:
-        if per not in ("epoch", "step"):
-            raise ValueError(f"per must be 'epoch' or 'step', got {per!r}")
+        per = check_choice(per, "per", ("epoch", "step"))
+        if not (isinstance(schedule, (str, Schedule)) or callable(schedule)):
+            raise TypeError(f"schedule must be a name, a Schedule or a callable of t, got {type(schedule).__name__}")
+        if isinstance(schedule, str):
+            as_schedule(schedule, total=1)  # an unknown name fails here, not at fit start
+        lie, norm, form, _ = check_penalty_args(lie, norm, form, 1e-12)
+        merge = check_bool(merge, "merge")
         self.schedule, self.per = schedule, per
         self.lie, self.norm, self.form, self.merge = lie, norm, form, merge
         self.run: RelaxedTraining | None = None
@@ -88,12 +95,18 @@ class RelaxationCallback(pl.Callback):
         pl_module._relax_plugins_patched = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.per == "epoch":
-            total = trainer.max_epochs
+        if isinstance(self.schedule, Schedule):
+            total = None  # a Schedule carries its own total (e.g. a run resumed or stopped early)
         else:
-            total = int(trainer.estimated_stepping_batches)
-        if total is None or total < 1:
-            raise ValueError("RelaxationCallback needs a finite max_epochs (per='epoch') or max_steps (per='step')")
+            if self.per == "epoch":
+                total = trainer.max_epochs
+            else:
+                steps = trainer.estimated_stepping_batches
+                total = int(steps) if math.isfinite(steps) else None
+            if total is None or total < 1:
+                raise ValueError(
+                    "RelaxationCallback needs a finite max_epochs (per='epoch') or max_steps (per='step')"
+                )
         self.run = RelaxedTraining(
             pl_module, self.schedule, total=total, lie=self.lie, norm=self.norm, form=self.form
         )
@@ -127,6 +140,10 @@ class RelaxationCallback(pl.Callback):
         return self.run.state_dict() if self.run is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or (state_dict and set(state_dict) != {"position", "history", "schedule"}):
+            got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"not a RelaxationCallback state: expected keys ['history', 'position', 'schedule'], "
+                             f"got {got}")
         if state_dict:
             self._pending_state = state_dict
             if self.run is not None:

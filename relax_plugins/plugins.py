@@ -104,6 +104,10 @@ def register_adapter(plugin: Any, name: str | None = None) -> str:
         'nothing'
         >>> rp.unregister_adapter("nothing")
     """
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"name must be a non-empty string or None, got {name!r}")
+    if plugin is None or isinstance(plugin, (str, bytes, int, float)):
+        raise TypeError(f"plugin must be a module, class or object with @hookimpl functions, got {plugin!r}")
     pm = get_plugin_manager()
     label = name or getattr(plugin, "__name__", None) or type(plugin).__name__
     try:
@@ -121,6 +125,8 @@ def register_adapter(plugin: Any, name: str | None = None) -> str:
 
 def unregister_adapter(name: str) -> None:
     """Remove a registered adapter by name."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be an adapter name (str), got {type(name).__name__}")
     pm = get_plugin_manager()
     if not pm.has_plugin(name):
         raise UnknownAdapterError(f"no adapter named {name!r}; loaded: {adapter_names()}")
@@ -147,6 +153,9 @@ def list_adapters() -> list[AdapterInfo]:
         plugin = pm.get_plugin(name)
         info_fn = getattr(plugin, "relax_adapter_info", None)
         info = (info_fn() if callable(info_fn) else None) or {}
+        if not isinstance(info, dict) or not all(isinstance(info.get(k, ""), str) for k in ("description", "layers")):
+            raise PluginLoadError(f"adapter {name!r}: relax_adapter_info() must return a dict of strings "
+                                  f"{{'description': ..., 'layers': ...}}, got {info!r}")
         dist = _distributions.get(name, "?")
         out.append(AdapterInfo(name, dist, info.get("description", ""), info.get("layers", "")))
     return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from ._checks import check_int, check_real
+
 __all__ = ["Schedule", "Triangular", "LinearDecay", "Cosine", "Constant", "FromCallable", "as_schedule"]
 
 
@@ -22,18 +24,14 @@ class Schedule:
     """
 
     def __init__(self, total: int, peak: float = 1.0) -> None:
-        if int(total) < 1:
-            raise ValueError(f"total must be >= 1, got {total}")
-        if not (math.isfinite(peak) and peak >= 0):
-            raise ValueError(f"peak must be a finite number >= 0, got {peak}")
-        self.total, self.peak = int(total), float(peak)
+        self.total = check_int(total, "total", minimum=1)
+        self.peak = check_real(peak, "peak", minimum=0.0)
 
     def shape(self, t: float) -> float:  # pragma: no cover
         raise NotImplementedError
 
     def __call__(self, i: int) -> float:
-        if i < 0:
-            raise ValueError(f"schedule index must be >= 0, got {i}")
+        i = check_int(i, "schedule index", minimum=0)
         if i >= self.total - 1:
             return 0.0
         return self.peak * self.shape(i / (self.total - 1))
@@ -125,14 +123,17 @@ class FromCallable(Schedule):
     """
 
     def __init__(self, fn: Callable[[float], float], total: int, peak: float = 1.0) -> None:
+        if not callable(fn):
+            raise TypeError(f"fn must be a callable of t in [0, 1], got {type(fn).__name__}")
         super().__init__(total, peak)
         self.fn = fn
 
     def shape(self, t: float) -> float:
-        v = float(self.fn(t))
-        if not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"schedule function returned {v} at t={t}; θ must be finite and >= 0")
-        return v
+        v = self.fn(t)
+        try:
+            return check_real(v, "the schedule function's value", minimum=0.0)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"schedule function returned {v!r} at t={t}; θ must be a finite number >= 0") from exc
 
 
 _NAMED: dict[str, type[Schedule]] = {
@@ -153,6 +154,8 @@ def as_schedule(spec: str | Schedule | Callable[[float], float], total: int, pea
     """
     if isinstance(spec, Schedule):
         return spec
+    check_int(total, "total", minimum=1)
+    check_real(peak, "peak", minimum=0.0)
     if isinstance(spec, str):
         try:
             return _NAMED[spec](total=total, peak=peak)
@@ -160,4 +163,6 @@ def as_schedule(spec: str | Schedule | Callable[[float], float], total: int, pea
             raise ValueError(f"unknown schedule {spec!r}; choose from {sorted(_NAMED)}") from None
     if callable(spec):
         return FromCallable(spec, total=total, peak=peak)
-    raise TypeError(f"cannot make a schedule from {spec!r}")
+    raise TypeError(
+        f"schedule must be a name {sorted(_NAMED)}, a Schedule or a callable of t, got {type(spec).__name__}"
+    )

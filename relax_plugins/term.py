@@ -82,9 +82,24 @@ class RelaxationTerm(nn.Module):
     * ``project_()``/``merge(base, theta)``: fold θ·P(W) into the base layer where it can hold
       it, returning True, or return False if the base layer cannot represent it.
     * ``projection_error(theta)``: a dict describing how much the projection changes the layer.
+
+    What ``forward`` records for the penalties lives in the attributes named by ``_recorded_attrs``
+    (extend it in subclasses): scratch, not state, so ``torch.save(model)`` and ``copy.deepcopy`` never
+    carry a batch of activations along.
     """
 
+    _recorded_attrs: tuple[str, ...] = ("_x", "_y", "_y_norm")
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for key in self._recorded_attrs:
+            if key in state:
+                state[key] = None
+        return state
+
+    def recorded_state(self) -> dict[str, Any]:
+        """What the last forward pass recorded (the ``_recorded_attrs``), e.g. to restore it later."""
+        return {k: self.__dict__[k] for k in self._recorded_attrs if k in self.__dict__}
 
     def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
         raise NotImplementedError
@@ -142,8 +157,8 @@ class LinearRelaxation(RelaxationTerm):
             init = torch.randn(d_out, d_in) * init_std if init_std > 0 else torch.zeros(d_out, d_in)
             self.weight = nn.Parameter(init)
         else:
-            if rank < 1:
-                raise ValueError(f"rank must be >= 1, got {rank}")
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"rank must be an int >= 1 or None, got {rank!r}")
             self.lora_a = nn.Parameter(torch.randn(rank, d_in) / math.sqrt(d_in))
             self.lora_b = nn.Parameter(torch.zeros(d_out, rank))
         self._x: Tensor | None = None
@@ -266,7 +281,8 @@ class LinearRelaxation(RelaxationTerm):
         (Reynolds average over a finite group, or the generators' null space for small layers).
         """
         if self._projector is None:
-            self._projector = GenericProjector(self.symmetry)
+            # a cache, not a submodule: building it (e.g. in a report) must not change the module tree
+            object.__setattr__(self, "_projector", GenericProjector(self.symmetry))
         return self._projector(W)
 
     def projected(self) -> Tensor:

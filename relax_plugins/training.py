@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .api import get_theta, penalty, project, projection_report, set_theta
+from ._checks import check_bool, check_int
+from .api import check_penalty_args, get_theta, penalty, project, projection_report, set_theta
 from .copying import module_copy
 from .schedules import Schedule, as_schedule
 
@@ -52,14 +53,19 @@ class RelaxedTraining:
         norm: float = 1e-2,
         form: str = "sqrt",
     ) -> None:
-        if not isinstance(schedule, Schedule) and total is None:
+        get_theta(model)  # fails early on a non-module or an unrelaxed model
+        if isinstance(schedule, Schedule):
+            if total is not None and check_int(total, "total", minimum=1) != schedule.total:
+                raise ValueError(f"total={total} contradicts the schedule's own total ({schedule!r}); omit total")
+        elif total is None:
             raise ValueError("total is required unless schedule is a Schedule instance")
+        else:
+            check_int(total, "total", minimum=1)
+        self.lie, self.norm, self.form, _ = check_penalty_args(lie, norm, form, 1e-12)
         self.model = model
-        self.schedule = as_schedule(schedule, total=total or 1)
-        self.lie, self.norm, self.form = lie, norm, form
+        self.schedule = as_schedule(schedule, total=total if total is not None else 1)
         self.position = 0  # index of the next advance()
         self.history: list[dict[str, float]] = []
-        get_theta(model)  # fails early on an unrelaxed model
 
     @property
     def theta(self) -> float:
@@ -83,6 +89,9 @@ class RelaxedTraining:
 
     def loss(self, task_loss: Tensor) -> Tensor:
         """``task_loss + penalty``; logs both (as floats) in :attr:`history`."""
+        if not isinstance(task_loss, Tensor) or task_loss.numel() != 1 or not task_loss.is_floating_point():
+            raise TypeError(f"task_loss must be a one-element floating tensor, got {type(task_loss).__name__}"
+                            + (f" of shape {tuple(task_loss.shape)}" if isinstance(task_loss, Tensor) else ""))
         pen = self.penalty()
         self.history.append(
             {"position": self.position - 1, "theta": self.theta, "task": float(task_loss.detach()),
@@ -106,6 +115,7 @@ class RelaxedTraining:
         Args:
             merge: fold θ·P(W) into the copy's weights (see :func:`relax_plugins.project`).
         """
+        check_bool(merge, "merge")
         return project(module_copy(self.model), merge=merge)
 
     def finish(self, merge: bool = False) -> nn.Module:
@@ -119,9 +129,21 @@ class RelaxedTraining:
         return {"position": self.position, "history": list(self.history), "schedule": repr(self.schedule)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("schedule") != repr(self.schedule):
-            raise ValueError(f"checkpoint was made with {state.get('schedule')}, this run uses {self.schedule!r}")
-        self.position = int(state["position"])
-        self.history = list(state["history"])
+        """Restore :meth:`state_dict`; a state of another run (other keys, schedule or position past the
+        end) raises before anything changes."""
+        if not isinstance(state, dict) or set(state) != {"position", "history", "schedule"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a RelaxedTraining state: expected keys ['history', 'position', 'schedule'], "
+                             f"got {got}")
+        if state["schedule"] != repr(self.schedule):
+            raise ValueError(f"checkpoint was made with {state['schedule']}, this run uses {self.schedule!r}")
+        position = check_int(state["position"], "state['position']", minimum=0)
+        if position > self.schedule.total:
+            raise ValueError(f"state['position'] = {position} is past the schedule's end ({self.schedule.total})")
+        history = state["history"]
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise ValueError("state['history'] must be a list of dicts")
+        self.position = position
+        self.history = list(history)
         if self.position > 0:
             set_theta(self.model, self.schedule(self.position - 1))

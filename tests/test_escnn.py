@@ -560,4 +560,14 @@ def test_r3conv_so3_relax_and_project(dtype):
     assert float(rp.penalty(model).detach()) > 0
     rp.project(model, merge=True)
     assert isinstance(model[0], enn.R3Conv)
-    assert equiv_error(model, x, elem) < (1e-5 if dtype == torch.float32 else 1e-12)
+    # The bound is escnn's own precision, not ours. Without py3nj escnn solves the SO(3) Clebsch-Gordan
+    # coefficients of this basis numerically (from random group samples) and accepts a solution once
+    # np.allclose(constraint @ basis, 0) holds, i.e. to 1e-8 absolute (escnn/group/_clebsh_gordan.py); the
+    # basis is then sampled in float32 (the default dtype when the layer is built) before .to(float64).
+    # Measured on fresh caches (26 NumPy seeds): escnn's own un-relaxed layer 4e-16 to 1.1e-15 from exact
+    # equivariance, the CG solutions' equivariance residual <= 4e-15; one fresh-clone run of this machine
+    # kind measured 7.2e-10 for this test. Only 1e-8 is promised, so 1e-7 leaves a decade for the sums over
+    # the basis and still sits six decades below the relaxed model's error (> 0.05). float32: its epsilon
+    # (1.2e-7) times the same decade margin and the ~10 summed terms per output. The escnn disk cache this
+    # depends on is built by the test run itself (root conftest.py), never inherited.
+    assert equiv_error(model, x, elem) < (1e-5 if dtype == torch.float32 else 1e-7)

@@ -122,18 +122,22 @@ class BasisProjector:
         K = K.reshape(self.out_size, self.in_size, -1)
         S = K.shape[-1]
         parts = self._for(K.dtype, K.device)
-        if self._blocks is None:
-            return parts[0] @ K.reshape(-1)
-        w = K.new_zeros(self.dim)
-        for pinv, rows, cols, o, i, n_oc, n_ic, start, stop in parts:
-            sub = K.index_select(0, rows).index_select(1, cols)  # (n_oc·o, n_ic·i, S)
-            sub = sub.reshape(n_oc, o, n_ic, i, S).permute(0, 2, 1, 3, 4).reshape(n_oc * n_ic, o * i * S)
-            w = w.index_add(0, torch.arange(start, stop, device=K.device), (sub @ pinv.T).reshape(-1))
-        return w
+        # in K's own precision even under autocast: bf16 matmuls would spoil the projection (and the
+        # index_add of a bf16 product into a float32 buffer fails)
+        with torch.autocast(K.device.type, enabled=False):
+            if self._blocks is None:
+                return parts[0] @ K.reshape(-1)
+            w = K.new_zeros(self.dim)
+            for pinv, rows, cols, o, i, n_oc, n_ic, start, stop in parts:
+                sub = K.index_select(0, rows).index_select(1, cols)  # (n_oc·o, n_ic·i, S)
+                sub = sub.reshape(n_oc, o, n_ic, i, S).permute(0, 2, 1, 3, 4).reshape(n_oc * n_ic, o * i * S)
+                w = w.index_add(0, torch.arange(start, stop, device=K.device), (sub @ pinv.T).reshape(-1))
+            return w
 
     def expand(self, w: Tensor) -> Tensor:
         """The kernel (out_size, in_size, S) of coefficients ``w``, by escnn's own expansion."""
-        return self.expansion(w).reshape(self.out_size, self.in_size, -1)
+        with torch.autocast(w.device.type, enabled=False):
+            return self.expansion(w).reshape(self.out_size, self.in_size, -1)
 
     def project(self, K: Tensor) -> Tensor:
         """P(K): the closest kernel (Frobenius norm) in the span of the basis, same shape as K."""

@@ -140,6 +140,8 @@ class ConvRelaxation(RelaxationTerm):
         0.0
     """
 
+    _recorded_attrs = ("_x", "_y_norm", "_samples")
+
     def __init__(
         self,
         conv: _RdConv,
@@ -287,8 +289,10 @@ class ConvRelaxation(RelaxationTerm):
         if self.activation_norm == "exact":
             norm = self._conv(self._x, self.kernel(), None).square().sum()
         else:
-            # E||K ⋆ x||² per output position for i.i.d. inputs with second moment mean(x²)
-            norm = n * self._x.square().mean() * self.kernel().square().sum()
+            # E||K ⋆ x||² per output position for i.i.d. inputs with second moment mean(x²); an empty
+            # batch has no samples (and mean() of nothing would be NaN)
+            second_moment = self._x.square().mean() if self._x.numel() else self._x.new_zeros(())
+            norm = n * second_moment * self.kernel().square().sum()
         return PenaltyTerms(lie, norm, n)
 
     # -- projection ----------------------------------------------------------------------------

@@ -361,7 +361,7 @@ class VNLinearRelaxation(LinearRelaxation):
                 wax = self._right(x, A.T) @ W.T  # rows: (A ⊗ I) x = x (A ⊗ I)ᵀ
                 lie = lie + (wax - self._left_rows(A, wx)).square().sum()
             norm = wx.square().sum()
-        scale = x_all.shape[0] / n
+        scale = x_all.shape[0] / n if n else 0.0  # an empty batch has no samples: 0, not 0/0
         # tr(L G Lᵀ) ≥ 0 exactly; rounding can make a ~0 value slightly negative, and the core takes √
         return PenaltyTerms(lie.clamp_min(0) * scale, norm.clamp_min(0) * scale, x_all.shape[0])
 
