@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _report(args)
     except (CliError, RelaxError) as exc:
-        sys.stderr.write(f"relax-plugins {args.cmd}: error: {exc}\n")
+        one_line = " ".join(str(exc).split())  # library messages may span lines; the CLI promises one
+        sys.stderr.write(f"relax-plugins {args.cmd}: error: {one_line}\n")
         return 2
 
 

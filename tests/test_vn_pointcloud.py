@@ -103,6 +103,16 @@ def test_quick_benchmark_run_writes_results(tmp_path):
     assert runs["relaxed"]["relaxed_mid_equiv_err"] > 1e-6  # θ > 0 mid-run: not equivariant
     assert runs["relaxed"]["n_params_exported"] == runs["standard"]["n_params_exported"]
     assert result["timing"]["relaxed"]["ratio_min"] > 0
+    # finished runs are kept: the same command again trains nothing and reports the same numbers;
+    # another setting is a different run
+    files = sorted((tmp_path / "runs").glob("*.json"))
+    assert len(files) == len(run.DEFAULT_ARMS)
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    again = run.main(["--quick", "--out", str(tmp_path), "--timing-steps", "0"])
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    assert again["summary"] == result["summary"]
+    run.main(["--quick", "--out", str(tmp_path), "--timing-steps", "0", "--arms", "standard", "--lr", "1e-3"])
+    assert len(list((tmp_path / "runs").glob("*.json"))) == len(run.DEFAULT_ARMS) + 1
 
 
 def test_timing_only_mode(tmp_path):
