@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from relax_toy.layers import CNLinear, SO2Linear, so2_generator
+from relax_toy.plugin import SO2Relaxation
 
 import relax_plugins as rp
 from relax_plugins.testing import PROPERTIES, ConformanceReport, check_adapter
-from relax_toy.layers import CNLinear, SO2Linear, so2_generator
-from relax_toy.plugin import SO2Relaxation
 
 warnings.filterwarnings("ignore", message=".*py3nj.*")
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "ADAPTERS.md"
