@@ -259,11 +259,12 @@ class ConvRelaxation(RelaxationTerm):
         Kb = self._basis_layout(self.kernel())
         return self._torch_layout(Kb - self.projector.project(Kb))
 
-    def grid_defect(self) -> Tensor:
-        """Σ_g ||ρ_out(g) K(g⁻¹·) ρ_in(g)⁻¹ − K||² over the grid-exact group elements."""
+    def grid_defect(self, K: Tensor | None = None) -> Tensor:
+        """Σ_g ||ρ_out(g) K(g⁻¹·) ρ_in(g)⁻¹ − K||² over the grid-exact group elements, of the
+        relaxation kernel (default) or of any kernel ``K`` in torch layout."""
         if self._actions is None:
             self._actions = grid_actions(self._grid_in, self._grid_out, self.kernel_size, self.d)
-        Kb = self._basis_layout(self.kernel())
+        Kb = self._basis_layout(self.kernel() if K is None else K)
         total = Kb.new_zeros(())
         for rout, rin_inv, perm in self._actions:
             rout, rin_inv = rout.to(Kb), rin_inv.to(Kb)
@@ -296,6 +297,18 @@ class ConvRelaxation(RelaxationTerm):
         return PenaltyTerms(lie, norm, n)
 
     # -- projection ----------------------------------------------------------------------------
+    def project_dense(self, K: Tensor) -> Tensor:
+        """P(K): least squares of a kernel ``K`` (torch layout, the shape of ``weight``) onto escnn's
+        basis of the layer, same layout (the projection :func:`relax_plugins.testing.check_adapter`
+        certifies)."""
+        return self._torch_layout(self.projector.project(self._basis_layout(K)))
+
+    def generator_defect(self, K: Tensor) -> Tensor:
+        """Σ_g ||ρ_out(g) K(g⁻¹·) ρ_in(g)⁻¹ − K||² of ``K`` over the group elements that map the
+        sampling grid onto itself (see :func:`grid_actions`): zero for every kernel in the image of
+        :meth:`project_dense` (complete for C2, C4, D1, D2, D4; a partial check for other groups)."""
+        return self.grid_defect(K)
+
     def coefficients(self) -> Tensor:
         """Least-squares escnn ``weights`` of K, computed in float64 (shape (dim,))."""
         with torch.no_grad():
