@@ -36,6 +36,8 @@ class RelaxationCallback(pl.Callback):
         per: "epoch" (total = ``max_epochs``) or "step" (total = ``estimated_stepping_batches``).
         lie: λ_LD. norm: λ_N. form: see :func:`relax_plugins.penalty`.
         merge: fold θ·P(W) into base weights when projecting (checkpoints and fit end).
+        penalty_every: compute the penalty every k-th training step, k-fold (see
+            :class:`~relax_plugins.RelaxedTraining`); 1 computes it every step.
 
     Example:
         >>> cb = RelaxationCallback("triangular", per="epoch")
@@ -51,11 +53,13 @@ class RelaxationCallback(pl.Callback):
         norm: float = 1e-2,
         form: str = "sqrt",
         merge: bool = False,
+        penalty_every: int = 1,
     ) -> None:
         if per not in ("epoch", "step"):
             raise ValueError(f"per must be 'epoch' or 'step', got {per!r}")
         self.schedule, self.per = schedule, per
         self.lie, self.norm, self.form, self.merge = lie, norm, form, merge
+        self.penalty_every = penalty_every
         self.run: RelaxedTraining | None = None
         self._pending_state: dict[str, Any] | None = None
 
@@ -95,7 +99,8 @@ class RelaxationCallback(pl.Callback):
         if total is None or total < 1:
             raise ValueError("RelaxationCallback needs a finite max_epochs (per='epoch') or max_steps (per='step')")
         self.run = RelaxedTraining(
-            pl_module, self.schedule, total=total, lie=self.lie, norm=self.norm, form=self.form
+            pl_module, self.schedule, total=total, lie=self.lie, norm=self.norm, form=self.form,
+            penalty_every=self.penalty_every,
         )
         if self._pending_state is not None:
             self.run.load_state_dict(self._pending_state)

@@ -6,9 +6,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from .api import get_theta, penalty, project, projection_report, set_theta
+from .api import get_theta, penalty, project, projection_report, relaxed_modules, set_theta
 from .copying import module_copy
 from .schedules import Schedule, as_schedule
 
@@ -29,6 +30,13 @@ class RelaxedTraining:
             "cosine", "constant") or a callable of t ∈ [0, 1].
         total: number of :meth:`advance` calls (needed unless ``schedule`` is a Schedule).
         lie: λ_LD. norm: λ_N. form: see :func:`relax_plugins.penalty`.
+        penalty_every: compute the penalty on every k-th :meth:`penalty` call only (calls 0, k, 2k,
+            ...), returning k × the penalty there and a graph-free zero otherwise: its sum over k
+            consecutive calls is the sum of k per-step penalties whenever the penalty changes little
+            over k steps (its expectation over a uniformly random step is unchanged), at 1/k of the
+            cost. Not the same optimisation: the penalty's gradient arrives k-fold on one step instead
+            of spread over k (SGD sees the same sum; Adam's normalisation does not). 1 (default)
+            computes it every call, exactly as before.
 
     Example:
         >>> import torch, relax_plugins as rp
@@ -51,12 +59,17 @@ class RelaxedTraining:
         lie: float = 1e-2,
         norm: float = 1e-2,
         form: str = "sqrt",
+        penalty_every: int = 1,
     ) -> None:
         if not isinstance(schedule, Schedule) and total is None:
             raise ValueError("total is required unless schedule is a Schedule instance")
+        if isinstance(penalty_every, bool) or int(penalty_every) != penalty_every or penalty_every < 1:
+            raise ValueError(f"penalty_every must be an integer >= 1, got {penalty_every!r}")
         self.model = model
         self.schedule = as_schedule(schedule, total=total or 1)
         self.lie, self.norm, self.form = lie, norm, form
+        self.penalty_every = int(penalty_every)
+        self.penalty_calls = 0  # penalty() calls so far: with penalty_every = k, calls 0, k, 2k, ... compute it
         self.position = 0  # index of the next advance()
         self.history: list[dict[str, float]] = []
         get_theta(model)  # fails early on an unrelaxed model
@@ -78,8 +91,16 @@ class RelaxedTraining:
         return value
 
     def penalty(self) -> Tensor:
-        """The relaxation penalty for the last forward pass."""
-        return penalty(self.model, self.lie, self.norm, form=self.form)
+        """The relaxation penalty for the last forward pass (k × it on every k-th call and a graph-free
+        zero otherwise, with ``penalty_every = k``)."""
+        k, call = self.penalty_every, self.penalty_calls
+        self.penalty_calls += 1
+        if k == 1:
+            return penalty(self.model, self.lie, self.norm, form=self.form)
+        if call % k:
+            theta = next(relaxed_modules(self.model))[1].theta
+            return torch.zeros((), dtype=theta.dtype, device=theta.device)
+        return k * penalty(self.model, self.lie, self.norm, form=self.form)
 
     def loss(self, task_loss: Tensor) -> Tensor:
         """``task_loss + penalty``; logs both (as floats) in :attr:`history`."""
@@ -116,12 +137,14 @@ class RelaxedTraining:
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule position and log; θ and W live in the model's own state_dict."""
-        return {"position": self.position, "history": list(self.history), "schedule": repr(self.schedule)}
+        return {"position": self.position, "history": list(self.history), "schedule": repr(self.schedule),
+                "penalty_calls": self.penalty_calls}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("schedule") != repr(self.schedule):
             raise ValueError(f"checkpoint was made with {state.get('schedule')}, this run uses {self.schedule!r}")
         self.position = int(state["position"])
         self.history = list(state["history"])
+        self.penalty_calls = int(state.get("penalty_calls", 0))
         if self.position > 0:
             set_theta(self.model, self.schedule(self.position - 1))
