@@ -242,6 +242,9 @@ class LinearRelaxation(RelaxationTerm):
         self._x: Tensor | None = None
         self._y: Tensor | None = None
         self.penalty_samples: int | None = None  # set by relax(..., penalty_samples=m)
+        #: m: estimate the Lie/discrete defect from m generators drawn per step (see moment_penalties)
+        self.penalty_generators: int | None = None
+        self._generator_rng: torch.Generator | None = None
         #: exact base classes known not to update their inputs in place (see :func:`may_modify_inputs`)
         self.pure_bases: tuple[type, ...] = ()
 
@@ -351,7 +354,19 @@ class LinearRelaxation(RelaxationTerm):
         sym = self.symmetry
         key = (sym.dim_in, sym.dim_out, sym.num_lie + sym.num_group, self._x.dtype, self._x.device)
         # low-rank layers are computed through their factors, so they group by rank
-        return key if self.factors() is None else (*key, self.rank)
+        key = key if self.factors() is None else (*key, self.rank)
+        return key if self.penalty_generators is None else (*key, "generators", self.penalty_generators)
+
+    def sample_generators(self, count: int) -> Tensor | None:
+        """Indices of the ``penalty_generators = m`` generators (of ``count``) used this step, drawn
+        uniformly without replacement from the term's own random stream (seeded 0; the global one
+        is left alone), or None to use all of them."""
+        m = self.penalty_generators
+        if m is None or m >= count:
+            return None
+        if self._generator_rng is None:
+            self._generator_rng = torch.Generator().manual_seed(0)
+        return torch.randperm(count, generator=self._generator_rng)[:m]
 
     def factors(self) -> tuple[Tensor, Tensor] | None:
         """(A, B) with W = B·A for a low-rank W without subgroup parametrisation, else None."""
@@ -425,6 +440,11 @@ def moment_penalties(terms: list[LinearRelaxation], inputs: list[tuple[Tensor, i
     turns some ten autograd operations per layer into ten for the whole group, which is what the
     penalty costs on models with many small layers. Low-rank layers (W = B·A, same rank) are computed
     through their factors (:func:`low_rank_moments`), never forming B·A.
+
+    With ``term.penalty_generators = m`` (equal in the group) each call uses m of the K generators,
+    drawn uniformly without replacement, and scales the Lie sum by K/m: an unbiased estimate of the
+    exact sum (each generator is drawn with probability m/K), so ``form="mean"`` stays unbiased while
+    the square roots of ``"sqrt"``/``"paper"`` make those slightly biased low (Jensen).
     """
     factored = [t.factors() for t in terms]
     if all(f is not None for f in factored) and len({f[0].shape[0] for f in factored}) == 1:
@@ -432,12 +452,14 @@ def moment_penalties(terms: list[LinearRelaxation], inputs: list[tuple[Tensor, i
         B = torch.stack([f[1] for f in factored])  # (L, d_out, r)
         with torch.no_grad():
             S = torch.stack([x.T @ x for x, _ in inputs])
-        G_in, G_out = _stacked_generators(terms, A.dtype)
+        G_in, G_out, scale = _stacked_generators(terms, A.dtype)
         lie, norm = low_rank_moments(A, B, G_in, G_out, S)
+        if scale != 1.0:
+            lie = lie * scale
         return [PenaltyTerms(lie[i], norm[i], n) for i, (_, n) in enumerate(inputs)]
     W = torch.stack([t.dense() for t in terms])  # (L, d_out, d_in)
     L, d_out, d_in = W.shape
-    G_in, G_out = _stacked_generators(terms, W.dtype)
+    G_in, G_out, scale = _stacked_generators(terms, W.dtype)
     k = G_in.shape[1]
     # generators laid out for plain (un-broadcast) bmm: broadcasting small batched matmuls was 5x slower
     G_in = G_in.permute(0, 2, 1, 3).reshape(L, d_in, k * d_in)
@@ -447,14 +469,22 @@ def moment_penalties(terms: list[LinearRelaxation], inputs: list[tuple[Tensor, i
     WG = (W @ G_in).reshape(L, d_out, k, d_in).transpose(1, 2).reshape(L, k * d_out, d_in)
     C = WG - G_out @ W  # (L, k·d_out, d_in): the blocks W ρ_in(A_k) − ρ_out(A_k) W
     lie = ((C @ S) * C).sum(dim=(1, 2)).clamp_min(0.0)
+    if scale != 1.0:
+        lie = lie * scale
     norm = ((W @ S) * W).sum(dim=(1, 2)).clamp_min(0.0)
     return [PenaltyTerms(lie[i], norm[i], n) for i, (_, n) in enumerate(inputs)]
 
 
-def _stacked_generators(terms: list[LinearRelaxation], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(L, K, d_in, d_in) and (L, K, d_out, d_out): every layer's generators (Lie, then finite)."""
+def _stacked_generators(terms: list[LinearRelaxation], dtype: torch.dtype) -> tuple[Tensor, Tensor, float]:
+    """(L, K, d_in, d_in) and (L, K, d_out, d_out): every layer's generators (Lie, then finite), or
+    the m drawn this step (``penalty_generators``), and the factor K/m that makes their sum unbiased."""
     gens = [t.symmetry.stacked(dtype) for t in terms]
-    return torch.stack([g[0] for g in gens]), torch.stack([g[1] for g in gens])
+    G_in, G_out = torch.stack([g[0] for g in gens]), torch.stack([g[1] for g in gens])
+    idx = terms[0].sample_generators(G_in.shape[1])
+    if idx is None:
+        return G_in, G_out, 1.0
+    idx = idx.to(G_in.device)
+    return G_in[:, idx], G_out[:, idx], G_in.shape[1] / idx.numel()
 
 
 def low_rank_moments(A: Tensor, B: Tensor, G_in: Tensor, G_out: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:

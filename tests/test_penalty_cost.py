@@ -1,4 +1,5 @@
-"""Cheaper penalties with the same expectation (issue 14 item 2): ``penalty_every=k``."""
+"""Cheaper penalties with the same expectation (issue 14 item 2): ``penalty_every=k`` and generator
+sampling (``term.penalty_generators = m``)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,50 @@ def test_penalty_every_phase_survives_state_dict_round_trip():
 def test_penalty_every_rejects_non_positive_integers(bad):
     with pytest.raises(ValueError, match="penalty_every"):
         rp.RelaxedTraining(relaxed_model(), "constant", total=4, penalty_every=bad)
+
+
+# -- generator sampling ------------------------------------------------------------------------
+
+
+def sampled_layer(rank: int | None):
+    from relax_plugins import LinearRelaxation, Symmetry
+
+    g = torch.Generator().manual_seed(1)
+    anti = [torch.randn(d, d, generator=g, dtype=torch.float64) for d in (5, 4) for _ in range(3)]
+    lie_in = torch.stack([a - a.T for a in anti[:3]])
+    lie_out = torch.stack([a - a.T for a in anti[3:]])
+    sym = Symmetry(5, 4, lie_in=lie_in, lie_out=lie_out, group_in=torch.randn(1, 5, 5, generator=g).double(),
+                   group_out=torch.randn(1, 4, 4, generator=g).double())
+    term = LinearRelaxation(sym, rank=rank).double()
+    with torch.no_grad():
+        for p in term.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    term.record(x, x)
+    return term
+
+
+@pytest.mark.parametrize("rank", [None, 2], ids=["dense", "low-rank"])
+def test_generator_sampling_is_unbiased(rank, monkeypatch):
+    import itertools
+
+    from relax_plugins.term import moment_penalties
+
+    term = sampled_layer(rank)
+    exact = term.penalty_terms()
+    term.penalty_generators = 2  # of K = 4 (three Lie generators, one finite)
+    inputs = [term.penalty_input()]
+    # the expectation, exactly: the mean over all C(4, 2) equally likely subsets
+    subsets = [torch.tensor(c) for c in itertools.combinations(range(4), 2)]
+    it = iter(subsets)
+    monkeypatch.setattr(term, "sample_generators", lambda count: next(it))
+    values = [moment_penalties([term], inputs)[0] for _ in subsets]
+    assert torch.allclose(torch.stack([v.lie for v in values]).mean(), exact.lie, rtol=1e-12)
+    assert all(torch.equal(v.norm, exact.norm) for v in values)  # the norm term is not sampled
+    assert len({round(float(v.lie.detach()), 8) for v in values}) > 1  # single draws do differ
+    monkeypatch.undo()
+    # the draws themselves: uniform (the empirical mean converges), from the term's own stream
+    state = torch.get_rng_state()
+    draws = torch.stack([term.penalty_terms().lie.detach() for _ in range(3000)])
+    assert torch.equal(torch.get_rng_state(), state)
+    assert abs(float(draws.mean() / exact.lie.detach()) - 1) < 0.03
