@@ -60,7 +60,7 @@ def may_modify_inputs(base: nn.Module, pure: tuple[type, ...] = ()) -> bool:
 class _LowRankApply(torch.autograd.Function):
     """θ·(x Aᵀ) Bᵀ [+ x (I_blocks ⊗ M)ᵀ], saving only x and the factors for backward.
 
-    x Aᵀ (n × r) is recomputed in backward (n·d_in·r FLOPs) rather than kept: a low-rank W then
+    x Aᵀ (n × r) is not kept: backward takes the parameter gradients from G = gᵀ x, so a low-rank W
     saves no more activations than a dense one (which keeps x and W).
     """
 
@@ -82,31 +82,31 @@ class _LowRankApply(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        # one GEMM for the parameter gradients, G = gᵀ x (d_out × d_in, the dense backward's cost),
+        # then the factors' gradients from G: fewer passes over the n-sized tensors than the skinny
+        # r-wide GEMMs (which are memory-bound), and x Aᵀ is never needed
         x, A, B, theta, M = ctx.saved_tensors
         need_x, need_a, need_b, need_t, need_m, _ = ctx.needs_input_grad
-        dt = ctx.dt
+        dt, blocks = ctx.dt, ctx.blocks
         g, x, A, B = g.to(dt), x.to(dt), A.to(dt), B.to(dt)
-        gxa = g @ B  # d loss / d(x Aᵀ), before θ
         th = None if theta is None else theta.to(dt)
         gx = ga = gb = gt = gm = None
-        if need_b or need_t:
-            xa = x @ A.T  # recomputed, not saved
-            if need_b:
-                gb = g.T @ xa if th is None else th * (g.T @ xa)
+        if need_a or need_b or need_t or need_m:
+            G = g.T @ x
+            if need_a or need_b:
+                GT = G if th is None else th * G
+                ga = B.T @ GT if need_a else None
+                gb = GT @ A.T if need_b else None
             if need_t:
-                gt = (gxa * xa).sum()  # ⟨g, (x Aᵀ) Bᵀ⟩ = ⟨g B, x Aᵀ⟩
-        gxa_t = gxa if th is None else th * gxa
-        if need_a:
-            ga = gxa_t.T @ x
-        if need_x:
-            gx = gxa_t @ A
-        if M is not None:
-            n, blocks = x.shape[0], ctx.blocks
-            gbk = g.reshape(n * blocks, -1)
+                gt = ((G @ A.T) * B).sum()  # ⟨G, B A⟩ without forming B A
             if need_m:
-                gm = gbk.T @ x.reshape(n * blocks, -1)
-            if need_x:
-                gx = gx + (gbk @ M.to(dt)).reshape(x.shape)
+                c_out, c_in = M.shape
+                gm = G.reshape(blocks, c_out, blocks, c_in).diagonal(dim1=0, dim2=2).sum(-1)
+        if need_x:
+            gx = (g @ B) @ A if th is None else th * ((g @ B) @ A)
+            if M is not None:
+                n = x.shape[0]
+                gx = gx + (g.reshape(n * blocks, -1) @ M.to(dt)).reshape(x.shape)
         return gx, ga, gb, gt, gm, None
 
 
