@@ -38,6 +38,8 @@ class RelaxationCallback(pl.Callback):
         per: "epoch" (total = ``max_epochs``) or "step" (total = ``estimated_stepping_batches``).
         lie: λ_LD. norm: λ_N. form: see :func:`relax_plugins.penalty`.
         merge: fold θ·P(W) into base weights when projecting (checkpoints and fit end).
+        penalty_every: compute the penalty every k-th training step, k-fold (see
+            :class:`~relax_plugins.RelaxedTraining`); 1 computes it every step.
 
     Example:
         >>> cb = RelaxationCallback("triangular", per="epoch")
@@ -53,6 +55,7 @@ class RelaxationCallback(pl.Callback):
         norm: float = 1e-2,
         form: str = "sqrt",
         merge: bool = False,
+        penalty_every: int = 1,
     ) -> None:
         per = check_choice(per, "per", ("epoch", "step"))
         if not (isinstance(schedule, (str, Schedule)) or callable(schedule)):
@@ -63,6 +66,7 @@ class RelaxationCallback(pl.Callback):
         merge = check_bool(merge, "merge")
         self.schedule, self.per = schedule, per
         self.lie, self.norm, self.form, self.merge = lie, norm, form, merge
+        self.penalty_every = penalty_every
         self.run: RelaxedTraining | None = None
         self._pending_state: dict[str, Any] | None = None
 
@@ -108,7 +112,8 @@ class RelaxationCallback(pl.Callback):
                     "RelaxationCallback needs a finite max_epochs (per='epoch') or max_steps (per='step')"
                 )
         self.run = RelaxedTraining(
-            pl_module, self.schedule, total=total, lie=self.lie, norm=self.norm, form=self.form
+            pl_module, self.schedule, total=total, lie=self.lie, norm=self.norm, form=self.form,
+            penalty_every=self.penalty_every,
         )
         if self._pending_state is not None:
             self.run.load_state_dict(self._pending_state)
@@ -140,7 +145,8 @@ class RelaxationCallback(pl.Callback):
         return self.run.state_dict() if self.run is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not isinstance(state_dict, dict) or (state_dict and set(state_dict) != {"position", "history", "schedule"}):
+        keys = {"position", "history", "schedule"}
+        if not isinstance(state_dict, dict) or (state_dict and set(state_dict) - {"penalty_calls"} != keys):
             got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(f"not a RelaxationCallback state: expected keys ['history', 'position', 'schedule'], "
                              f"got {got}")

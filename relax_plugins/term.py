@@ -18,7 +18,15 @@ from torch import Tensor, nn
 
 from .symmetry import GenericProjector, Symmetry, group_defect, lie_defect
 
-__all__ = ["RelaxationTerm", "LinearRelaxation", "PenaltyTerms", "moment_penalties", "may_modify_inputs"]
+__all__ = [
+    "RelaxationTerm",
+    "LinearRelaxation",
+    "PenaltyTerms",
+    "moment_penalties",
+    "may_modify_inputs",
+    "low_rank_apply",
+    "low_rank_moments",
+]
 
 #: top-level packages whose layers never update their inputs in place (checked by exact class module)
 PURE_LIBRARIES = frozenset({"torch", "e3nn", "escnn"})
@@ -47,6 +55,91 @@ def may_modify_inputs(base: nn.Module, pure: tuple[type, ...] = ()) -> bool:
     if cls in pure:
         return False
     return cls.__module__.split(".", 1)[0] not in PURE_LIBRARIES
+
+
+class _LowRankApply(torch.autograd.Function):
+    """θ·(x Aᵀ) Bᵀ [+ x (I_blocks ⊗ M)ᵀ], saving only x and the factors for backward.
+
+    x Aᵀ (n × r) is not kept: backward takes the parameter gradients from G = gᵀ x, so a low-rank W
+    saves no more activations than a dense one (which keeps x and W).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, A: Tensor, B: Tensor, theta: Tensor | None, M: Tensor | None,
+                blocks: int) -> Tensor:
+        xa = x @ A.T
+        out = xa @ B.T
+        dt = out.dtype  # under autocast, the dtype the products ran in
+        if theta is not None:
+            out = theta.to(dt) * out
+        if M is not None:
+            n = x.shape[0]
+            base = (x.reshape(n * blocks, -1) @ M.T).reshape(n, -1)
+            out = base.to(dt) + out
+        ctx.save_for_backward(x, A, B, theta, M)
+        ctx.blocks, ctx.dt = blocks, dt
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        # one GEMM for the parameter gradients, G = gᵀ x (d_out × d_in, the dense backward's cost),
+        # then the factors' gradients from G: fewer passes over the n-sized tensors than the skinny
+        # r-wide GEMMs (which are memory-bound), and x Aᵀ is never needed
+        x, A, B, theta, M = ctx.saved_tensors
+        need_x, need_a, need_b, need_t, need_m, _ = ctx.needs_input_grad
+        dt, blocks = ctx.dt, ctx.blocks
+        g, x, A, B = g.to(dt), x.to(dt), A.to(dt), B.to(dt)
+        th = None if theta is None else theta.to(dt)
+        gx = ga = gb = gt = gm = None
+        if need_a or need_b or need_t or need_m:
+            G = g.T @ x
+            if need_a or need_b:
+                GT = G if th is None else th * G
+                ga = B.T @ GT if need_a else None
+                gb = GT @ A.T if need_b else None
+            if need_t:
+                gt = ((G @ A.T) * B).sum()  # ⟨G, B A⟩ without forming B A
+            if need_m:
+                c_out, c_in = M.shape
+                gm = G.reshape(blocks, c_out, blocks, c_in).diagonal(dim1=0, dim2=2).sum(-1)
+        if need_x:
+            gx = (g @ B) @ A if th is None else th * ((g @ B) @ A)
+            if M is not None:
+                n = x.shape[0]
+                gx = gx + (g.reshape(n * blocks, -1) @ M.to(dt)).reshape(x.shape)
+        return gx, ga, gb, gt, gm, None
+
+
+def low_rank_apply(
+    x: Tensor, A: Tensor, B: Tensor, theta: Tensor | None = None, M: Tensor | None = None, blocks: int = 1
+) -> Tensor:
+    """θ·(B·A) applied to the last axis of ``x`` through the factors, plus an optional block-diagonal
+    base map: ``x (I_blocks ⊗ M)ᵀ + θ (x Aᵀ) Bᵀ``.
+
+    Never forms B·A, and saves only ``x`` and the factors for backward (``x Aᵀ`` is recomputed), so
+    a rank-r W costs O(n·r·(d_in + d_out)) time and no activation memory beyond its input.
+
+    Args:
+        x: (..., d_in) inputs.
+        A: (r, d_in) right factor.
+        B: (d_out, r) left factor.
+        theta: optional scalar factor θ (gets a gradient if it requires one).
+        M: optional (c_out, c_in) base map applied to each of ``blocks`` consecutive chunks of x's
+            last axis (d_in = blocks·c_in, d_out = blocks·c_out).
+        blocks: number of chunks M acts on.
+
+    Returns:
+        (..., d_out) tensor.
+
+    Example:
+        >>> import torch
+        >>> x, A, B = torch.randn(5, 3), torch.randn(2, 3), torch.randn(4, 2)
+        >>> bool(torch.allclose(low_rank_apply(x, A, B), x @ (B @ A).T, atol=1e-6))
+        True
+    """
+    lead = x.shape[:-1]
+    out = _LowRankApply.apply(x.reshape(-1, x.shape[-1]), A, B, theta, M, blocks)
+    return out.reshape(*lead, out.shape[-1])
 
 
 class PenaltyTerms(tuple):
@@ -164,6 +257,9 @@ class LinearRelaxation(RelaxationTerm):
         self._x: Tensor | None = None
         self._y: Tensor | None = None
         self.penalty_samples: int | None = None  # set by relax(..., penalty_samples=m)
+        #: m: estimate the Lie/discrete defect from m generators drawn per step (see moment_penalties)
+        self.penalty_generators: int | None = None
+        self._generator_rng: torch.Generator | None = None
         #: exact base classes known not to update their inputs in place (see :func:`may_modify_inputs`)
         self.pure_bases: tuple[type, ...] = ()
 
@@ -199,7 +295,7 @@ class LinearRelaxation(RelaxationTerm):
             return v @ self.dense().T
         if self.rank is None:
             return v @ self.weight.T
-        return (v @ self.lora_a.T) @ self.lora_b.T
+        return low_rank_apply(v, self.lora_a, self.lora_b)
 
     def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Any:
         # x is read before the base layer runs: an in-place update of the argument (x.add_(...))
@@ -271,7 +367,27 @@ class LinearRelaxation(RelaxationTerm):
         if n <= self.symmetry.dim_in:
             return None
         sym = self.symmetry
-        return (sym.dim_in, sym.dim_out, sym.num_lie + sym.num_group, self._x.dtype, self._x.device)
+        key = (sym.dim_in, sym.dim_out, sym.num_lie + sym.num_group, self._x.dtype, self._x.device)
+        # low-rank layers are computed through their factors, so they group by rank
+        key = key if self.factors() is None else (*key, self.rank)
+        return key if self.penalty_generators is None else (*key, "generators", self.penalty_generators)
+
+    def sample_generators(self, count: int) -> Tensor | None:
+        """Indices of the ``penalty_generators = m`` generators (of ``count``) used this step, drawn
+        uniformly without replacement from the term's own random stream (seeded 0; the global one
+        is left alone), or None to use all of them."""
+        m = self.penalty_generators
+        if m is None or m >= count:
+            return None
+        if self._generator_rng is None:
+            self._generator_rng = torch.Generator().manual_seed(0)
+        return torch.randperm(count, generator=self._generator_rng)[:m]
+
+    def factors(self) -> tuple[Tensor, Tensor] | None:
+        """(A, B) with W = B·A for a low-rank W without subgroup parametrisation, else None."""
+        if self.rank is None or self.subgroup is not None:
+            return None
+        return self.lora_a, self.lora_b
 
     # -- projection ------------------------------------------------------------------------
     def project_dense(self, W: Tensor) -> Tensor:
@@ -338,19 +454,90 @@ def moment_penalties(terms: list[LinearRelaxation], inputs: list[tuple[Tensor, i
     With S_l = Σ x xᵀ over layer l's samples and C_lk = W_l ρ_in(A_k) − ρ_out(A_k) W_l:
     Σ_n ||C_lk x_n||² = ⟨C_lk S_l, C_lk⟩ and Σ_n ||W_l x_n||² = ⟨W_l S_l, W_l⟩. Batching the layers
     turns some ten autograd operations per layer into ten for the whole group, which is what the
-    penalty costs on models with many small layers.
+    penalty costs on models with many small layers. Low-rank layers (W = B·A, same rank) are computed
+    through their factors (:func:`low_rank_moments`), never forming B·A.
+
+    With ``term.penalty_generators = m`` (equal in the group) each call uses m of the K generators,
+    drawn uniformly without replacement, and scales the Lie sum by K/m: an unbiased estimate of the
+    exact sum (each generator is drawn with probability m/K), so ``form="mean"`` stays unbiased while
+    the square roots of ``"sqrt"``/``"paper"`` make those slightly biased low (Jensen).
     """
+    factored = [t.factors() for t in terms]
+    if all(f is not None for f in factored) and len({f[0].shape[0] for f in factored}) == 1:
+        A = torch.stack([f[0] for f in factored])  # (L, r, d_in)
+        B = torch.stack([f[1] for f in factored])  # (L, d_out, r)
+        with torch.no_grad():
+            S = torch.stack([x.T @ x for x, _ in inputs])
+        G_in, G_out, scale = _stacked_generators(terms, A.dtype)
+        lie, norm = low_rank_moments(A, B, G_in, G_out, S)
+        if scale != 1.0:
+            lie = lie * scale
+        return [PenaltyTerms(lie[i], norm[i], n) for i, (_, n) in enumerate(inputs)]
     W = torch.stack([t.dense() for t in terms])  # (L, d_out, d_in)
     L, d_out, d_in = W.shape
-    gens = [t.symmetry.stacked(W.dtype) for t in terms]
-    k = gens[0][0].shape[0]
+    G_in, G_out, scale = _stacked_generators(terms, W.dtype)
+    k = G_in.shape[1]
     # generators laid out for plain (un-broadcast) bmm: broadcasting small batched matmuls was 5x slower
-    G_in = torch.stack([g[0] for g in gens]).permute(0, 2, 1, 3).reshape(L, d_in, k * d_in)
-    G_out = torch.stack([g[1] for g in gens]).reshape(L, k * d_out, d_out)
+    G_in = G_in.permute(0, 2, 1, 3).reshape(L, d_in, k * d_in)
+    G_out = G_out.reshape(L, k * d_out, d_out)
     with torch.no_grad():
         S = torch.stack([x.T @ x for x, _ in inputs])  # (L, d_in, d_in): detached, trains W only
     WG = (W @ G_in).reshape(L, d_out, k, d_in).transpose(1, 2).reshape(L, k * d_out, d_in)
     C = WG - G_out @ W  # (L, k·d_out, d_in): the blocks W ρ_in(A_k) − ρ_out(A_k) W
     lie = ((C @ S) * C).sum(dim=(1, 2)).clamp_min(0.0)
+    if scale != 1.0:
+        lie = lie * scale
     norm = ((W @ S) * W).sum(dim=(1, 2)).clamp_min(0.0)
     return [PenaltyTerms(lie[i], norm[i], n) for i, (_, n) in enumerate(inputs)]
+
+
+def _stacked_generators(terms: list[LinearRelaxation], dtype: torch.dtype) -> tuple[Tensor, Tensor, float]:
+    """(L, K, d_in, d_in) and (L, K, d_out, d_out): every layer's generators (Lie, then finite), or
+    the m drawn this step (``penalty_generators``), and the factor K/m that makes their sum unbiased."""
+    gens = [t.symmetry.stacked(dtype) for t in terms]
+    G_in, G_out = torch.stack([g[0] for g in gens]), torch.stack([g[1] for g in gens])
+    idx = terms[0].sample_generators(G_in.shape[1])
+    if idx is None:
+        return G_in, G_out, 1.0
+    idx = idx.to(G_in.device)
+    return G_in[:, idx], G_out[:, idx], G_in.shape[1] / idx.numel()
+
+
+def low_rank_moments(A: Tensor, B: Tensor, G_in: Tensor, G_out: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+    """Σ_k ⟨C_k S, C_k⟩ and ⟨W S, W⟩ for W = B·A through the factors, for L layers at once.
+
+    C_k = W G_k^in − G_k^out W = U_k V_k with U_k = [B, −G_k^out B] (d_out × 2r) and
+    V_k = [A G_k^in; A] (2r × d_in), so ⟨C_k S, C_k⟩ = tr(U_k V_k S V_kᵀ U_kᵀ) = ⟨U_kᵀ U_k, V_k S V_kᵀ⟩,
+    2r × 2r matrices; likewise ⟨W S, W⟩ = ⟨BᵀB, A S Aᵀ⟩. Costs O(K·r·(d_in² + d_out²)) instead of
+    the O(K·d_in·d_out·(d_in + d_out)) of the dense C_k.
+
+    Args:
+        A: (L, r, d_in). B: (L, d_out, r). G_in: (L, K, d_in, d_in). G_out: (L, K, d_out, d_out).
+        S: (L, d_in, d_in) second moments Σ x xᵀ.
+
+    Returns:
+        (lie, norm), each of shape (L,).
+
+    Example:
+        >>> import torch
+        >>> A, B = torch.randn(1, 2, 3, dtype=torch.float64), torch.randn(1, 4, 2, dtype=torch.float64)
+        >>> G_in, G_out = torch.randn(1, 2, 3, 3).double(), torch.randn(1, 2, 4, 4).double()
+        >>> x = torch.randn(10, 3, dtype=torch.float64)
+        >>> W = B[0] @ A[0]
+        >>> exact = sum(((x @ (W @ gi - go @ W).T) ** 2).sum() for gi, go in zip(G_in[0], G_out[0]))
+        >>> lie, norm = low_rank_moments(A, B, G_in, G_out, (x.T @ x)[None])
+        >>> bool(torch.allclose(lie[0], exact)), bool(torch.allclose(norm[0], (x @ W.T).square().sum()))
+        (True, True)
+    """
+    L, r, d_in = A.shape
+    d_out, K = B.shape[1], G_in.shape[1]
+    # V_k stacked over k: (L, K·2r, d_in); plain bmm everywhere (broadcast batched matmuls are slow)
+    AG = (A @ G_in.permute(0, 2, 1, 3).reshape(L, d_in, K * d_in)).reshape(L, r, K, d_in).transpose(1, 2)
+    V = torch.cat([AG, A[:, None].expand(L, K, r, d_in)], dim=2).reshape(L, K * 2 * r, d_in)
+    VSV = (V @ S).reshape(L * K, 2 * r, d_in) @ V.reshape(L * K, 2 * r, d_in).transpose(1, 2)
+    GB = (G_out.reshape(L, K * d_out, d_out) @ B).reshape(L, K, d_out, r)
+    U = torch.cat([B[:, None].expand(L, K, d_out, r), -GB], dim=3).reshape(L * K, d_out, 2 * r)
+    UU = U.transpose(1, 2) @ U
+    lie = (UU * VSV).reshape(L, -1).sum(1).clamp_min(0.0)
+    norm = ((B.transpose(1, 2) @ B) * ((A @ S) @ A.transpose(1, 2))).sum(dim=(1, 2)).clamp_min(0.0)
+    return lie, norm

@@ -6,10 +6,11 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ._checks import check_bool, check_int
-from .api import check_penalty_args, get_theta, penalty, project, projection_report, set_theta
+from .api import check_penalty_args, get_theta, penalty, project, projection_report, relaxed_modules, set_theta
 from .copying import module_copy
 from .schedules import Schedule, as_schedule
 
@@ -30,6 +31,13 @@ class RelaxedTraining:
             "cosine", "constant") or a callable of t ∈ [0, 1].
         total: number of :meth:`advance` calls (needed unless ``schedule`` is a Schedule).
         lie: λ_LD. norm: λ_N. form: see :func:`relax_plugins.penalty`.
+        penalty_every: compute the penalty on every k-th :meth:`penalty` call only (calls 0, k, 2k,
+            ...), returning k × the penalty there and a graph-free zero otherwise: its sum over k
+            consecutive calls is the sum of k per-step penalties whenever the penalty changes little
+            over k steps (its expectation over a uniformly random step is unchanged), at 1/k of the
+            cost. Not the same optimisation: the penalty's gradient arrives k-fold on one step instead
+            of spread over k (SGD sees the same sum; Adam's normalisation does not). 1 (default)
+            computes it every call, exactly as before.
 
     Example:
         >>> import torch, relax_plugins as rp
@@ -52,6 +60,7 @@ class RelaxedTraining:
         lie: float = 1e-2,
         norm: float = 1e-2,
         form: str = "sqrt",
+        penalty_every: int = 1,
     ) -> None:
         get_theta(model)  # fails early on a non-module or an unrelaxed model
         if isinstance(schedule, Schedule):
@@ -62,8 +71,10 @@ class RelaxedTraining:
         else:
             check_int(total, "total", minimum=1)
         self.lie, self.norm, self.form, _ = check_penalty_args(lie, norm, form, 1e-12)
+        self.penalty_every = check_int(penalty_every, "penalty_every", minimum=1)
         self.model = model
         self.schedule = as_schedule(schedule, total=total if total is not None else 1)
+        self.penalty_calls = 0  # penalty() calls so far: with penalty_every = k, calls 0, k, 2k, ... compute it
         self.position = 0  # index of the next advance()
         self.history: list[dict[str, float]] = []
 
@@ -84,8 +95,16 @@ class RelaxedTraining:
         return value
 
     def penalty(self) -> Tensor:
-        """The relaxation penalty for the last forward pass."""
-        return penalty(self.model, self.lie, self.norm, form=self.form)
+        """The relaxation penalty for the last forward pass (k × it on every k-th call and a graph-free
+        zero otherwise, with ``penalty_every = k``)."""
+        k, call = self.penalty_every, self.penalty_calls
+        self.penalty_calls += 1
+        if k == 1:
+            return penalty(self.model, self.lie, self.norm, form=self.form)
+        if call % k:
+            theta = next(relaxed_modules(self.model))[1].theta
+            return torch.zeros((), dtype=theta.dtype, device=theta.device)
+        return k * penalty(self.model, self.lie, self.norm, form=self.form)
 
     def loss(self, task_loss: Tensor) -> Tensor:
         """``task_loss + penalty``; logs both (as floats) in :attr:`history`."""
@@ -126,12 +145,13 @@ class RelaxedTraining:
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule position and log; θ and W live in the model's own state_dict."""
-        return {"position": self.position, "history": list(self.history), "schedule": repr(self.schedule)}
+        return {"position": self.position, "history": list(self.history), "schedule": repr(self.schedule),
+                "penalty_calls": self.penalty_calls}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; a state of another run (other keys, schedule or position past the
         end) raises before anything changes."""
-        if not isinstance(state, dict) or set(state) != {"position", "history", "schedule"}:
+        if not isinstance(state, dict) or set(state) - {"penalty_calls"} != {"position", "history", "schedule"}:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"not a RelaxedTraining state: expected keys ['history', 'position', 'schedule'], "
                              f"got {got}")
@@ -143,7 +163,9 @@ class RelaxedTraining:
         history = state["history"]
         if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
             raise ValueError("state['history'] must be a list of dicts")
+        calls = check_int(state.get("penalty_calls", 0), "state['penalty_calls']", minimum=0)
         self.position = position
         self.history = list(history)
+        self.penalty_calls = calls
         if self.position > 0:
             set_theta(self.model, self.schedule(self.position - 1))

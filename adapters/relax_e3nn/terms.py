@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation
 from relax_plugins.symmetry import OneGeneratorProjector
-from relax_plugins.term import may_modify_inputs
+from relax_plugins.term import low_rank_apply, may_modify_inputs
 
 from .irreps import IrrepsAction, irrep_pairs, irreps_symmetry, path_coefficients, project_irreps_dense
 
@@ -101,6 +101,13 @@ class E3nnRelaxation(LinearRelaxation):
             x = x.clone()  # read before the base layer runs: an in-place update must not reach W·x
         out = base(*args, **kwargs)
         self._x = x.detach()
+        factors = self.factors()
+        if factors is not None:
+            # low rank through the factors: B·A is never formed, only x is saved for backward
+            delta = low_rank_apply(x, factors[0], factors[1], theta)
+            result = out + self.from_fibre(delta, out)
+            self._y = result.detach()
+            return result
         tw = theta.to(x.dtype) * self.dense()
         if tuple(out.shape[:-1]) == self._batch_shape:
             result = torch.addmm(out.reshape(-1, out.shape[-1]), x, tw.T).reshape(out.shape)

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation, PenaltyTerms, Symmetry, hookimpl
 from relax_plugins.symmetry import KronGenerators
-from relax_plugins.term import may_modify_inputs
+from relax_plugins.term import low_rank_apply, may_modify_inputs
 
 from .probe import ModuleLayout, VNProbe, probe_vn
 
@@ -195,13 +195,15 @@ class VNLinearRelaxation(LinearRelaxation):
     W is a dense ``(3·C_out) × (3·C_in)`` map, so it mixes xyz components across channels (a map
     acting on channels only would already be equivariant and leave nothing to relax).
 
-    Speed: with a dense W and θ ≠ 0 the layer runs as one GEMM with ``I_3 ⊗ M + θ·W`` (the base
-    Linear's FLOPs times 3) instead of the base GEMM plus a second one; at θ = 0 it calls the base
-    Linear unchanged. The penalties are estimated on at most ``penalty_rows`` evenly strided fibres
-    of the recorded input (sums rescaled to all fibres, so every penalty form keeps its meaning),
-    either directly or through the Gram matrix G = Σ x xᵀ as Σ_k tr(L_k G L_kᵀ) with
-    L_k = W A_k − A_k W, whichever takes fewer FLOPs: on all B·N fibres the Gram matrix alone would
-    cost more than the layer whenever 3·C_in > C_out.
+    Speed: with a dense W and θ ≠ 0 the layer runs as one GEMM with ``I_3 ⊗ M + θ·W`` (the base Linear's
+    FLOPs times 3) instead of the base GEMM plus a second one; with a low-rank W = B·A it runs as one
+    autograd node computing (I_3 ⊗ M)x + θ·B(Ax) at the base FLOPs plus O(r) per fibre, saving only x
+    for backward; at θ = 0 it calls the base Linear unchanged. The penalties are estimated on at most
+    ``penalty_rows`` evenly strided fibres of the recorded input (sums rescaled to all fibres, so every
+    penalty form keeps its meaning), either directly or through the Gram matrix G = Σ x xᵀ as Σ_k tr(L_k
+    G L_kᵀ) with L_k = W A_k − A_k W, whichever takes fewer FLOPs: on all B·N fibres the Gram matrix
+    alone would cost more than the layer whenever 3·C_in > C_out. A low-rank W's penalties go through
+    its factors (cost O(r), B·A never formed).
 
     Args:
         c_in: input channels of the Linear.
@@ -284,20 +286,20 @@ class VNLinearRelaxation(LinearRelaxation):
         x = self.take_input(args, kwargs)
         xf = self.to_fibre(x)
         self._x = xf.detach()
-        fused = (
-            self.rank is None
-            and not kwargs
-            and len(args) == 1
-            and isinstance(base, nn.Linear)
-            and base.bias is None
-        )
+        fusable = not kwargs and len(args) == 1 and isinstance(base, nn.Linear) and base.bias is None
+        factors = self.factors()
         if not bool(theta != 0):
             # exactly the base layer: relax() and θ = 0 must not change outputs
             out = base(*args, **kwargs)
-        elif fused:
+        elif fusable and (self.rank is None or factors is not None):
+            if factors is None:
+                full = self._blocks_eye(base.weight) + theta.to(base.weight.dtype) * self.weight
+                yf = xf @ full.T
+            else:
+                # (I_3 ⊗ M) x + θ B (A x) in one autograd node on the fibres: the base map at its own
+                # FLOPs (not the 3x of I_3 ⊗ M), B·A never formed, only x saved for backward
+                yf = low_rank_apply(xf, factors[0], factors[1], theta, M=base.weight, blocks=3)
             a = self.xyz_axis(x.dim())
-            full = self._blocks_eye(base.weight) + theta.to(base.weight.dtype) * self.weight
-            yf = xf @ full.T
             shape = list(x.movedim(a, -2).shape)
             shape[-1] = self.c_out
             out = yf.reshape(shape).movedim(-2, a)
@@ -311,8 +313,8 @@ class VNLinearRelaxation(LinearRelaxation):
 
     # -- penalties -------------------------------------------------------------------------------
     def _left(self, A: Tensor, W: Tensor) -> Tensor:
-        """(A ⊗ I_Cout) W using the block structure (no dense generator product)."""
-        Wb = W.reshape(3, self.c_out, 3 * self.c_in)
+        """(A ⊗ I_Cout) W for any (3·C_out, cols) W, using the block structure (no dense generator product)."""
+        Wb = W.reshape(3, self.c_out, -1)
         return torch.einsum("jl,lod->jod", A.to(W.dtype), Wb).reshape(W.shape)
 
     def _right(self, W: Tensor, A: Tensor) -> Tensor:
@@ -341,11 +343,44 @@ class VNLinearRelaxation(LinearRelaxation):
         # (k+1)·d_out·d_in², applying W to every generator image costs (k+1)·n·d_in·d_out
         return n * d_in + (k + 1) * d_out * d_in < (k + 1) * n * d_out
 
+    @staticmethod
+    def _use_gram_low_rank(n: int, d_in: int, d_out: int, k: int, r: int) -> bool:
+        # W = B·A: the Gram route costs n·d_in² + O(k·r·d_in²) and saves only r- and d_in-sized
+        # matrices for backward; the sample route costs 2r·(d_in + d_out) per fibre and generator but
+        # saves (k, n, d_out) defects, so it is taken only for few fibres
+        return n > d_in
+
+    def _low_rank_penalty(self, x: Tensor, A: Tensor, B: Tensor, gens: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """Σ_k Σ_n ||L_k x_n||² and Σ_n ||W x_n||² for W = B·A through the factors.
+
+        L_k = W (A_k ⊗ I) − (A_k ⊗ I) W = U_k V_k with U_k = [B, −(A_k ⊗ I) B] and
+        V_k = [A (A_k ⊗ I); A], both of inner dimension 2r: either Σ_n ||U_k (V_k x_n)||² or,
+        through the Gram matrix G, ⟨U_kᵀ U_k, V_k G V_kᵀ⟩, whichever is cheaper.
+        """
+        n, d_in, d_out, r = x.shape[0], A.shape[1], B.shape[0], A.shape[0]
+        A, B = A.to(x.dtype), B.to(x.dtype)
+        V = torch.stack([torch.cat([self._right(A, g), A]) for g in gens])  # (k, 2r, d_in)
+        U = torch.stack([torch.cat([B, -self._left(g, B)], dim=1) for g in gens])  # (k, d_out, 2r)
+        if self._use_gram_low_rank(n, d_in, d_out, len(gens), r):
+            G = x.T @ x
+            lie = ((U.transpose(1, 2) @ U) * (V @ G @ V.transpose(1, 2))).sum()
+            norm = ((B.T @ B) * (A @ G @ A.T)).sum()
+        else:
+            xv = (x @ V.reshape(-1, d_in).T).reshape(n, len(gens), 2 * r).transpose(0, 1)  # (k, n, 2r)
+            lie = (xv @ U.transpose(1, 2)).square().sum()
+            norm = ((x @ A.T) @ B.T).square().sum()
+        return lie, norm
+
     def penalty_terms(self) -> PenaltyTerms:
         x_all = self._recorded()
         x = self._penalty_rows()
-        W = self.dense()
         gens = (*self.gens3, *self.mirror3)
+        factors = self.factors()
+        if factors is not None:
+            lie, norm = self._low_rank_penalty(x, factors[0], factors[1], gens)
+            scale = x_all.shape[0] / x.shape[0]
+            return PenaltyTerms(lie.clamp_min(0) * scale, norm.clamp_min(0) * scale, x_all.shape[0])
+        W = self.dense()
         n, d_in, d_out = x.shape[0], W.shape[1], W.shape[0]
         if self._use_gram(n, d_in, d_out, len(gens)):
             G = x.T @ x

@@ -1,6 +1,7 @@
 """Overhead of relaxation: training-step time, parameters and activation memory of relaxed vs standard
-models (full-rank and low-rank W), and inference of the projected model vs the original — measured
-side by side in one process, steps interleaved round-robin, medians.
+models (full-rank and low-rank W), the penalty's own cost (forward + backward of ``rp.penalty`` on the
+last batch), and inference of the projected model vs the original — measured side by side in one
+process, steps interleaved round-robin, medians.
 
     python -m examples.bench.overhead [--steps 20] [--device cpu|cuda] [--models segnn,c8,vndgcnn]
 
@@ -123,6 +124,17 @@ def measure(spec: Spec, steps: int, device: torch.device) -> dict:
     for _ in tqdm(range(steps), desc=spec.name, leave=False):
         for label in arms:  # interleaved so that host noise hits every arm alike
             times[label].append(step(label))
+    # the penalty alone (forward + backward, on the inputs recorded by the last step), interleaved
+    pen_times: dict[str, list[float]] = {k: [] for k in arms if k != "standard"}
+    for _ in range(steps):
+        for label in pen_times:
+            model = arms[label]
+            t0 = time.perf_counter()
+            rp.penalty(model).backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            pen_times[label].append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
     result = {"model": spec.name, "steps": steps, "arms": {}}
     n_base = sum(p.numel() for p in base.parameters())
     for label, model in arms.items():
@@ -130,6 +142,7 @@ def measure(spec: Spec, steps: int, device: torch.device) -> dict:
             "step_ms": 1e3 * statistics.median(times[label]),
             "params": sum(p.numel() for p in model.parameters()),
             "saved_bytes": saved_activation_bytes(model, inputs, target, spec.loss, label != "standard"),
+            "penalty_ms": 1e3 * statistics.median(pen_times[label]) if label in pen_times else 0.0,
         }
     std = result["arms"]["standard"]
     for row in result["arms"].values():
@@ -206,11 +219,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "overhead.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "overhead.png")
-    print(f"{'model':40s} {'arm':18s} {'step ms':>9s} {'ratio':>6s} {'params':>8s} {'ratio':>6s} {'saved act.':>7s}")
+    print(f"{'model':40s} {'arm':18s} {'step ms':>9s} {'ratio':>6s} {'params':>8s} {'ratio':>6s} {'saved act.':>7s} "
+          f"{'saved MB':>9s} {'penalty ms':>10s}")
     for r in results:
         for arm, row in r["arms"].items():
             print(f"{r['model']:40s} {arm:18s} {row['step_ms']:9.1f} {row['step_ratio']:6.2f} {row['params']:8d} "
-                  f"{row['param_ratio']:6.2f} {row['saved_ratio']:7.2f}")
+                  f"{row['param_ratio']:6.2f} {row['saved_ratio']:7.2f} {row['saved_bytes'] / 1e6:9.2f} "
+                  f"{row['penalty_ms']:10.2f}")
         print(f"{'':40s} inference projected/original: {r['inference_ratio']:.2f}, identical outputs: "
               f"{r['inference_identical_outputs']}, original classes: {r['projected_classes_match']}, "
               f"keys: {r['projected_keys_match']}")
