@@ -15,7 +15,28 @@ from torch import nn
 from ._checks import check_bool, check_real
 from .api import _require_relaxed, preserved_state, project, projection_report, relaxed_modules
 
-__all__ = ["equivariance_report", "format_report", "save_report", "plot_report", "plot_history"]
+__all__ = ["equivariance_report", "format_report", "save_report", "plot_report", "plot_history", "saved_tensor_bytes"]
+
+
+def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn()`` runs: the training memory that
+    grows with the batch (a CPU stand-in for peak GPU memory).
+
+    Example:
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> saved_tensor_bytes(lambda: (x * x).sum())   # x saved twice, 12 float32 each
+        96
+    """
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
 
 LAYER_COLUMNS = ("theta", "relax_ratio", "lie_defect", "rel_weight_error", "rel_output_error")
 

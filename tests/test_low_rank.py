@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 import relax_plugins as rp
 from relax_plugins import LinearRelaxation, Symmetry
+from relax_plugins.diagnostics import saved_tensor_bytes
 from relax_plugins.symmetry import group_defect, lie_defect
 from relax_plugins.term import low_rank_apply, low_rank_moments, moment_penalties
 
@@ -206,17 +207,7 @@ def test_vn_fused_low_rank_forward_equals_dense():
     assert_same_value_and_grads((out.square().sum(),), (ref.square().sum(),), params)
 
 
-def saved_bytes(fn) -> int:
-    total = 0
-
-    def pack(t: Tensor) -> Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
+saved_bytes = saved_tensor_bytes
 
 
 @pytest.mark.parametrize("adapter", ["core", "vn"])

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import relax_plugins as rp
+from relax_plugins.diagnostics import saved_tensor_bytes
 
 
 @dataclass
@@ -75,18 +76,14 @@ SPECS = {"segnn": _segnn, "c8": _c8, "vndgcnn": _vndgcnn}
 def saved_activation_bytes(model: nn.Module, inputs: tuple, target: Tensor, loss_fn, relaxed: bool) -> int:
     """Bytes of the tensors autograd saves for backward in one step: the training memory that grows with
     the batch (a CPU stand-in for peak GPU memory)."""
-    total = 0
+    holder: dict[str, Tensor] = {}
 
-    def pack(t: Tensor) -> Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def step() -> None:
         loss = loss_fn(model(*inputs), target)
-        if relaxed:
-            loss = loss + rp.penalty(model)
-    loss.backward()
+        holder["loss"] = loss + rp.penalty(model) if relaxed else loss
+
+    total = saved_tensor_bytes(step)
+    holder["loss"].backward()
     model.zero_grad(set_to_none=True)
     return total
 
