@@ -22,8 +22,8 @@ from relax_mace import MaceSymmetricContractionRelaxation, contraction_input_irr
 from torch import nn  # noqa: E402
 
 import relax_plugins as rp  # noqa: E402
-from relax_plugins.testing import PROPERTIES, check_adapter  # noqa: E402
 from examples.mace import run as mace_run  # noqa: E402
+from relax_plugins.testing import PROPERTIES, check_adapter  # noqa: E402
 
 
 class Holder(nn.Module):
