@@ -401,7 +401,7 @@ def test_low_rank_and_options():
     m(x).sum().backward()
     assert m[0].term.lora_b.grad is not None and m[0].term.lora_b.grad.abs().sum() > 0
     only_linear = rp.relax(nn.Sequential(o3.Linear("1x0e", "1x0e"), nn.Sequential(tp)), adapters=["e3nn"],
-                           adapter_options={"e3nn_tensor_products": False})
+                           adapter_options={"e3nn": {"e3nn_tensor_products": False}})
     assert [n for n, _ in rp.relaxed_modules(only_linear)] == ["0"]
 
 

@@ -505,24 +505,26 @@ def relax_make_term(
         >>> sorted(n for n, _ in rp.relaxed_modules(m))
         ['0.map_to_dir', '0.map_to_feat']
     """
-    common = {
-        "group": options.get("vn_group", "SO(3)"),
-        "rank": options.get("rank"),
-        "init_std": options.get("init_std", 0.0),
-        "penalty_rows": options.get("vn_penalty_rows", DEFAULT_PENALTY_ROWS),
-    }
+    def common() -> dict[str, Any]:  # read only for layers it claims: options for absent layers are refused
+        return {
+            "group": options.get("vn_group", "SO(3)"),
+            "rank": options.get("rank"),
+            "init_std": options.get("init_std", 0.0),
+            "penalty_rows": options.get("vn_penalty_rows", DEFAULT_PENALTY_ROWS),
+        }
+
     probe: VNProbe | None = options.get("vn_probe")
     if probe is not None and id(module) in probe.called:
         # observed at work: what it did decides, not how its source is written
         if id(module) in probe.modules:
-            return VNModuleRelaxation(probe.modules[id(module)], **common)
+            return VNModuleRelaxation(probe.modules[id(module)], **common())
         if isinstance(module, nn.Linear) and module.bias is None:
             if id(module) in probe.linears:
                 return VNLinearRelaxation(
-                    module.in_features, module.out_features, axes=probe.linears[id(module)], **common
+                    module.in_features, module.out_features, axes=probe.linears[id(module)], **common()
                 )
             if name.rsplit(".", 1)[-1] in options.get("vn_names", ()):  # the user names it: claimed anyway
-                return VNLinearRelaxation(module.in_features, module.out_features, **common)
+                return VNLinearRelaxation(module.in_features, module.out_features, **common())
         return None
     if not isinstance(module, nn.Linear):
         return None
@@ -532,7 +534,7 @@ def relax_make_term(
         verdict = module.bias is None and name.rsplit(".", 1)[-1] in names
     if not verdict:
         return None
-    return VNLinearRelaxation(module.in_features, module.out_features, **common)
+    return VNLinearRelaxation(module.in_features, module.out_features, **common())
 
 
 @hookimpl
