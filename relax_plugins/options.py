@@ -150,7 +150,9 @@ def resolve_adapter_options(
     unknown = [k for k, v in given.items() if k not in loaded and isinstance(v, Mapping)
                and not any(k in opts for opts in declared.values())]
     if unknown:
-        raise UnknownAdapterError(f"adapter_options names unknown adapter(s) {sorted(unknown)}; loaded adapters: {loaded}")
+        raise UnknownAdapterError(
+            f"adapter_options names unknown adapter(s) {sorted(unknown)}; loaded adapters: {loaded}"
+        )
     if names:  # namespaced form: {adapter: {key: value}}
         flat_keys = [k for k in given if k not in loaded]
         if flat_keys:

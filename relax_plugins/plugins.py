@@ -264,7 +264,9 @@ class AdapterCalls:
             dict.update(options[adapter], extra)
         return notes
 
-    def make_term(self, module: Any, name: str, root: Any, options: dict[str, dict[str, Any]]) -> tuple[str, Any] | None:
+    def make_term(
+        self, module: Any, name: str, root: Any, options: dict[str, dict[str, Any]]
+    ) -> tuple[str, Any] | None:
         """The first adapter (pluggy call order) with a term for ``module``: (adapter name, term)."""
         for adapter in self.order("relax_make_term"):
             try:

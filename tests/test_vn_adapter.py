@@ -294,7 +294,8 @@ def test_name_fallback_when_parent_source_is_unavailable():
     assert vnp.vn_linear_names(namespace["Hidden"]) is None
     model = rp.relax(nn.Sequential(namespace["Hidden"]()), adapters=["vn"])
     assert claimed(model) == {"0.map_to_feat"}  # not the unknown name, not the biased Linear
-    model = rp.relax(nn.Sequential(namespace["Hidden"]()), adapters=["vn"], adapter_options={"vn": {"vn_names": ["mixer"]}})
+    model = rp.relax(nn.Sequential(namespace["Hidden"]()), adapters=["vn"],
+                     adapter_options={"vn": {"vn_names": ["mixer"]}})
     assert claimed(model) == {"0.map_to_feat", "0.mixer"}
 
 

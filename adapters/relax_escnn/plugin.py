@@ -75,7 +75,7 @@ def relax_adapter_options() -> dict[str, AdapterOption]:
     return {
         "escnn_penalty": AdapterOption(str, "residual", 'convolution penalty: "residual", "defect" or "both"'),
         "escnn_activation_norm": AdapterOption(str, "kernel", 'norm penalty of convolutions: "kernel" or "exact"'),
-        "subgroup": AdapterOption(object, None, "escnn subgroup id (FieldType.restrict) kept exact, e.g. 4 or (None, 4)"),
+        "subgroup": AdapterOption(object, None, "escnn subgroup id (FieldType.restrict) kept exact: 4, (None, 4)"),
     }
 
 

@@ -45,7 +45,7 @@ def relax_make_term(module: nn.Module, options: dict[str, Any]) -> RelaxationTer
 def relax_adapter_options() -> dict[str, AdapterOption]:
     """The options of ``relax(model, adapter_options={"mace": {...}})``."""
     return {
-        "mace_symmetric_contractions": AdapterOption(bool, True, "relax SymmetricContraction layers (False: leave them)"),
+        "mace_symmetric_contractions": AdapterOption(bool, True, "relax SymmetricContraction layers (False: not)"),
         "subgroup": AdapterOption(str, None, f"relax O(3) only down to this subgroup, one of {SUBGROUPS}"),
     }
 
