@@ -224,14 +224,18 @@ class AdapterCalls:
         names = adapter_names()
         self.adapters = names if allowed is None else [n for n in names if n in allowed]
         self._callers: dict[tuple[str, str], pluggy.HookCaller] = {}
+        self._order: dict[str, list[str]] = {}
 
     def subset(self, hook: str) -> pluggy.HookCaller:
+        """``pm.hook.<hook>`` restricted to the adapters in use."""
         return _only(self.pm, hook, set(self.adapters))
 
     def order(self, hook: str) -> list[str]:
         """The adapters in use that implement ``hook``, in pluggy call order (wrappers excluded)."""
-        impls = self.subset(hook).get_hookimpls()
-        return [i.plugin_name for i in reversed(impls) if not (i.hookwrapper or i.wrapper)]
+        if hook not in self._order:
+            impls = self.subset(hook).get_hookimpls()
+            self._order[hook] = [i.plugin_name for i in reversed(impls) if not (i.hookwrapper or i.wrapper)]
+        return self._order[hook]
 
     def one(self, hook: str, adapter: str) -> pluggy.HookCaller:
         """``hook`` for ``adapter`` alone (plus the hookwrappers of the adapters in use)."""
