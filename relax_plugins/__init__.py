@@ -31,6 +31,7 @@ from .errors import (
 )
 from .hookspecs import ENTRY_POINT_GROUP, hookimpl
 from .modulation import LearnedModulation
+from .options import AdapterOption
 from .plugins import (
     DISABLE_AUTOLOAD_ENV,
     AdapterInfo,
@@ -69,6 +70,7 @@ __all__ = [
     "get_plugin_manager",
     "reset_plugin_manager",
     "AdapterInfo",
+    "AdapterOption",
     "hookimpl",
     "ENTRY_POINT_GROUP",
     "DISABLE_AUTOLOAD_ENV",

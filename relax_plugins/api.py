@@ -24,7 +24,8 @@ from .errors import (
     RelaxError,
     UnknownAdapterError,
 )
-from .plugins import adapter_names, find_term, observe, wrapper_class_for
+from .options import resolve_adapter_options
+from .plugins import AdapterCalls, AdapterFailure, adapter_names
 from .probe import normalize_example_inputs
 from .term import LinearRelaxation, PenaltyTerms, RelaxationTerm, moment_penalties
 from .wrapper import RelaxedModule, _floating_tensors
@@ -133,8 +134,14 @@ def relax(
         init_std: std of a random initial dense W, a finite number >= 0 (0 keeps outputs unchanged).
         penalty_samples: compute pointwise layers' penalties on at most this many recorded samples
             (an evenly strided, rescaled subset: an estimate of the full sums); an int >= 1, None uses all.
-        adapter_options: extra options passed to every adapter's ``relax_make_term`` (a dict; every key
-            must be read by some adapter, and ``rank``/``init_std`` are arguments of their own).
+        adapter_options: options of the adapters, per adapter name: ``{"vn": {"vn_names": [...]},
+            "e3nn": {"subgroup": "SO(3)"}}`` (see each adapter's ``relax_adapter_options`` hook, or
+            ``relax_plugins.plugins.declared_options(name)``). Validated before anything changes: an
+            unknown adapter, an undeclared key or a value of the wrong type is an error, and every option
+            given must be read by its adapter on this model. ``rank``/``init_std`` are arguments of their
+            own. The flat form of earlier releases (``{"vn_names": [...]}``) is deprecated
+            (``DeprecationWarning``; removed in the next release) and accepted only where each key
+            belongs to exactly one adapter in use.
         example_inputs: inputs of one forward call (a tensor, a tuple of positional arguments, a
             dict of keyword arguments, or ``{"args": ..., "kwargs": ...}``). Adapters that
             recognise layers by what they do observe the model on them before anything is changed
@@ -150,13 +157,13 @@ def relax(
 
     Raises:
         AlreadyRelaxedError: ``model`` already holds relaxed layers.
-        UnknownAdapterError: a name in ``adapters`` is not loaded.
+        UnknownAdapterError: a name in ``adapters`` or ``adapter_options`` is not loaded.
         NothingToRelaxError: no layer was recognised.
         AdapterError: an adapter failed on a layer, on the probe forward, or returned something invalid
             (nothing was changed).
         TypeError, ValueError: an argument of the wrong type or out of range (checked before anything
-            else; ``example_inputs`` not one of the accepted forms), an unread adapter option, or a tied
-            layer selected at only some of its uses.
+            else; ``example_inputs`` not one of the accepted forms), an unknown, mistyped or unread adapter
+            option, or a tied layer selected at only some of its uses.
 
     Example:
         >>> import torch, relax_plugins as rp
@@ -171,10 +178,7 @@ def relax(
     rank = check_int(rank, "rank", minimum=1, none_ok=True)
     init_std = check_real(init_std, "init_std", minimum=0.0)
     penalty_samples = check_int(penalty_samples, "penalty_samples", minimum=1, none_ok=True)
-    extra = check_mapping(adapter_options, "adapter_options")
-    clash = sorted(set(extra) & {"rank", "init_std"})
-    if clash:
-        raise ValueError(f"adapter_options must not set {clash}: pass them as relax() arguments")
+    given = check_mapping(adapter_options, "adapter_options")
     if any(True for _ in relaxed_modules(model)):
         raise AlreadyRelaxedError("model already holds relaxed layers; project() it first or relax a fresh copy")
     allowed = None
@@ -183,16 +187,25 @@ def relax(
         unknown = allowed - set(adapter_names())
         if unknown:
             raise UnknownAdapterError(f"unknown adapter(s) {sorted(unknown)}; loaded adapters: {adapter_names()}")
-    options = _TrackedOptions({"rank": rank, "init_std": init_std, **extra})
+    calls = AdapterCalls(allowed)
+    declared = calls.declared()
+    user = resolve_adapter_options(given, declared, adapter_names(), stacklevel=2)
+    # each adapter sees its own options: rank, init_std, its declared defaults and the user's values
+    options = {
+        adapter: _TrackedOptions({"rank": rank, "init_std": init_std,
+                                  **{k: o.default for k, o in declared[adapter].items()}, **user.get(adapter, {})})
+        for adapter in calls.adapters
+    }
+    notes: list[str] = []
     if example_inputs is not None:
         call = normalize_example_inputs(example_inputs)
         try:
-            observe(model, call, options, allowed)
-        except Exception as exc:
+            notes = calls.observe(model, call, options)
+        except AdapterFailure as failure:
             raise AdapterError(
-                f"relax() could not observe the model on example_inputs: {type(exc).__name__}: {exc}. "
-                "The model was not changed."
-            ) from exc
+                f"relax() could not observe the model on example_inputs (adapter {failure.adapter!r}): "
+                f"{type(failure.exc).__name__}: {failure.exc}. The model was not changed."
+            ) from failure.exc
 
     # every place a module object is used (a module used twice has tied weights: relax all uses or none)
     uses: dict[int, list[str]] = {}
@@ -210,12 +223,12 @@ def relax(
             return
         if wanted:
             try:
-                found = find_term(module, name, options, allowed, root=model)
-            except Exception as exc:
+                found = calls.make_term(module, name, model, options)
+            except AdapterFailure as failure:
                 raise AdapterError(
-                    f"relax() failed on layer {name or '<root>'!r} ({type(module).__name__}): "
-                    f"{type(exc).__name__}: {exc}. The model was not changed."
-                ) from exc
+                    f"relax() failed on layer {name or '<root>'!r} ({type(module).__name__}) in adapter "
+                    f"{failure.adapter!r}: {type(failure.exc).__name__}: {failure.exc}. The model was not changed."
+                ) from failure.exc
             if found is not None:
                 adapter, term = found
                 _check_term(term, module, name, adapter, [t for _, _, _, t in targets])
@@ -233,7 +246,6 @@ def relax(
 
     visit("", model)
     if not targets:
-        notes = options.get("probe_notes") or []
         raise NothingToRelaxError(
             f"no layer of {type(model).__name__} is recognised by the loaded adapters {adapter_names()}"
             + ("" if include is None else f" (include={include})")
@@ -242,7 +254,7 @@ def relax(
             + ("" if example_inputs is not None else
                "pass example_inputs=(...) so that adapters can observe the layers at work (vector neurons "
                "are then found however their channel maps are written); ")
-            + "name the layers (include=[...], adapter_options={'vn_names': [...]}) or declare their classes "
+            + "name the layers (include=[...], adapter_options={'vn': {'vn_names': [...]}}) or declare their classes "
             "(relax_pyg.declare); see each adapter's documentation (relax_plugins.list_adapters())."
         )
     for used_at, module, _, _ in targets:
@@ -256,16 +268,16 @@ def relax(
     if penalty_samples is not None and not any(isinstance(t, LinearRelaxation) for *_, t in targets):
         raise ValueError("penalty_samples applies to pointwise layers (LinearRelaxation terms) and none of the "
                          "recognised layers is one. The model was not changed.")
-    unread = sorted(set(extra) - options.read)
+    unread = {a: sorted(set(values) - options[a].read) for a, values in user.items() if set(values) - options[a].read}
     if unread:
         raise ValueError(
-            f"adapter_options {unread} were not read by any adapter on this model (misspelt, or meant for "
-            "layers the model does not hold). The model was not changed."
+            f"adapter_options {unread} were not read by their adapter on this model (meant for layers the model "
+            "does not hold). The model was not changed."
         )
 
     wrappers = []
     for used_at, module, adapter, term in targets:
-        cls = wrapper_class_for(module, adapter) or RelaxedModule
+        cls = calls.wrapper_class(module, adapter) or RelaxedModule
         if not (isinstance(cls, type) and issubclass(cls, RelaxedModule)):
             raise AdapterError(
                 f"adapter {adapter!r} returned wrapper class {cls!r} for layer {used_at[0] or '<root>'!r}, "

@@ -42,12 +42,16 @@ def relax_make_term(
     Called for every submodule, outermost first; once an adapter returns a term for a module, its
     children are not visited. The first adapter (in pluggy call order: last registered first,
     ``tryfirst``/``trylast`` respected) that returns a term wins; pass ``adapters=[...]`` to
-    :func:`relax_plugins.relax` to restrict the choice.
+    :func:`relax_plugins.relax` to restrict the choice (the core calls the hook through
+    ``pm.subset_hook_caller``). The core calls each adapter's implementation through the plugin
+    manager with that adapter's own ``options`` (see below), so hookwrappers and tracing see every
+    call.
 
     The term must not change the module, must be created on the CPU in the default dtype (the
     core moves it to the module's device and dtype) and must leave the layer's outputs unchanged
     while θ·W = 0. Raise an exception (not return None) if the module is recognised but cannot be
-    relaxed: the core then aborts the whole relax() without changing the model.
+    relaxed: the core then aborts the whole relax() without changing the model, naming the layer and
+    this adapter.
 
     Implementations may declare any subset of the arguments, without default values (pluggy does
     not pass arguments that have defaults).
@@ -55,17 +59,21 @@ def relax_make_term(
     The core validates what comes back before it touches the model: a :class:`RelaxationTerm`, with
     finite parameters, none of the layer's own tensors and not already used for another layer
     (``AdapterError``/``NonFiniteError`` otherwise); likewise ``penalty_terms()`` must return
-    ``PenaltyTerms(lie, norm, samples)`` and ``merge()`` a bool. Every option key the user passes must be
-    read by some adapter (through ``options[...]``, ``options.get`` or ``in``), or relax() refuses it.
+    ``PenaltyTerms(lie, norm, samples)`` and ``merge()`` a bool. Every option the user passes to this
+    adapter must be read by it on this model (through ``options[...]``, ``options.get`` or ``in``),
+    or relax() refuses it (a misspelt key, or one meant for layers the model does not hold).
 
     Args:
         module: a submodule of the user's model.
         name: its qualified name in the model ("" for the root).
         root: the model being relaxed, for context (``root.get_submodule(parent_name)`` gives the
-            container of ``module``); never modify it here.
-        options: relax() keyword options: ``rank`` (None for dense W, or the low-rank width),
-            ``init_std`` (std of a random initial W, default 0), plus any adapter-specific ones
-            the user passed through ``relax(model, adapter_options={...})``.
+            container of ``module``); never modify it here. Prefer reading context from ``root``
+            to keeping state between calls: nothing may outlive the relax() call.
+        options: this adapter's options for this relax() call: ``rank`` (None for dense W, or the
+            low-rank width), ``init_std`` (std of a random initial W, default 0), every option the
+            adapter declares in :func:`relax_adapter_options` (the user's value, validated, or the
+            declared default), and what this adapter's :func:`relax_observe` returned. The user
+            passes them as ``relax(model, adapter_options={"<adapter name>": {key: value}})``.
 
     Returns:
         A :class:`relax_plugins.RelaxationTerm` or None.
@@ -85,16 +93,20 @@ def relax_observe(
     leaves its state exactly as it was (train/eval flags, parameters, buffers such as BatchNorm
     running statistics, random number generators); never modify the model here.
 
+    Called through the plugin manager once per adapter (each with its own ``options``), restricted
+    to ``adapters=[...]`` when the user passes it; an exception aborts relax() (``AdapterError``
+    naming this adapter) without changing the model.
+
     Args:
         root: the model being relaxed.
         example_inputs: ``(args, kwargs)`` of one forward call, ``root(*args, **kwargs)``.
-        options: the options of this relax() call (read only).
+        options: this adapter's options of this relax() call (read only; as for ``relax_make_term``).
 
     Returns:
-        A dict merged into the options that every ``relax_make_term`` call of this relax() call
-        receives (prefix the keys with the adapter name), or None. A list under the key
-        ``"probe_notes"`` is appended to, not replaced: its lines are shown when nothing is
-        recognised.
+        A dict merged into the options that this adapter's ``relax_make_term`` calls of this
+        relax() call receive (this is how per-call state reaches them: never keep it in the
+        adapter module), or None. A list under the key ``"probe_notes"`` is collected for the
+        error message shown when nothing is recognised.
     """
 
 
@@ -104,7 +116,8 @@ def relax_wrapper_class(module: nn.Module) -> type | None:
 
     Only needed when containers check the type of their children (escnn's ``SequentialModule``
     requires ``EquivariantModule``s): the subclass mixes that base class in. Return None to use
-    :class:`relax_plugins.RelaxedModule` itself.
+    :class:`relax_plugins.RelaxedModule` itself. Asked only of the adapter whose term was chosen
+    for ``module`` (``pm.subset_hook_caller`` without the other plugins).
     """
 
 
@@ -113,4 +126,35 @@ def relax_adapter_info() -> dict[str, str] | None:
     """Describe this adapter: ``{"description": ..., "layers": "o3.Linear, o3.TensorProduct, ..."}``.
 
     Shown by :func:`relax_plugins.list_adapters` and ``relax-plugins list``.
+    """
+
+
+@hookspec
+def relax_adapter_options() -> dict[str, Any] | None:
+    """Declare the options this adapter accepts: ``{key: AdapterOption(type, default, doc)}``.
+
+    Users pass them per adapter, under the adapter's (entry-point) name::
+
+        relax(model, adapter_options={"vn": {"vn_names": ["mixer"]}, "e3nn": {"subgroup": "SO(3)"}})
+
+    The core validates them before anything is changed: an unknown adapter name, an undeclared key
+    (the error names the declared ones) or a value of the wrong type (``TypeError`` naming
+    ``adapter.key`` and the expected type) is refused, and ``relax_make_term``/``relax_observe``
+    receive the user's values with the declared defaults filled in. An adapter that does not
+    implement this hook accepts no options (``rank`` and ``init_std`` are relax() arguments and
+    always present).
+
+    Each value is a :class:`relax_plugins.AdapterOption` (or a plain ``(type, default, doc)``
+    tuple), where ``type`` is a type or a tuple of types checked with ``isinstance`` (``bool`` is
+    not an ``int`` here, an ``int`` is a ``float``, ``None`` passes when the default is None; use
+    ``object`` for anything), or a callable validator ``f(value)`` that raises ``TypeError`` or
+    ``ValueError`` for a bad value. Check the values themselves (ranges, choices) in
+    ``relax_make_term``: its exceptions are reported with the layer. Prefix keys with the adapter
+    name (``vn_group``) unless they mean the same for every adapter (``subgroup``).
+
+    Example::
+
+        @hookimpl
+        def relax_adapter_options():
+            return {"set_size": AdapterOption(int, None, "number of set elements n (required)")}
     """

@@ -12,10 +12,13 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginLoadError, UnknownAdapterError
+from .options import AdapterOption, check_declaration
 
 __all__ = [
+    "AdapterCalls",
     "AdapterInfo",
     "DISABLE_AUTOLOAD_ENV",
+    "declared_options",
     "get_plugin_manager",
     "register_adapter",
     "unregister_adapter",
@@ -37,6 +40,7 @@ class AdapterInfo:
     distribution: str
     description: str = ""
     layers: str = ""
+    options: tuple[str, ...] = ()  # the adapter_options keys it declares (see declared_options)
 
 
 def _autoload_disabled() -> bool:
@@ -139,6 +143,43 @@ def adapter_names() -> list[str]:
     return sorted(n for n, p in pm.list_name_plugin() if p is not None and n != "relax_plugins.hookspecs")
 
 
+def _only(pm: pluggy.PluginManager, hook: str, keep: set[str]) -> pluggy.HookCaller:
+    """``pm.hook.<hook>`` restricted to the plugins named in ``keep`` (``pm.subset_hook_caller``)."""
+    return pm.subset_hook_caller(hook, [p for n, p in pm.list_name_plugin() if p is not None and n not in keep])
+
+
+def _answer(results: Any) -> Any:
+    """The value of a non-firstresult hook called for one plugin: its result, or None."""
+    return results[0] if results else None
+
+
+def adapter_info(name: str) -> dict[str, str]:
+    """``relax_adapter_info()`` of one adapter, validated."""
+    info = _answer(_only(get_plugin_manager(), "relax_adapter_info", {name})()) or {}
+    if not isinstance(info, dict) or not all(isinstance(info.get(k, ""), str) for k in ("description", "layers")):
+        raise PluginLoadError(f"adapter {name!r}: relax_adapter_info() must return a dict of strings "
+                              f"{{'description': ..., 'layers': ...}}, got {info!r}")
+    return info
+
+
+def declared_options(name: str) -> dict[str, AdapterOption]:
+    """The options one adapter declares (hook ``relax_adapter_options``), validated.
+
+    Example:
+        >>> sorted(declared_options("toy")) if "toy" in adapter_names() else ["subgroup"]
+        ['subgroup']
+    """
+    pm = get_plugin_manager()
+    if not pm.has_plugin(name):
+        raise UnknownAdapterError(f"no adapter named {name!r}; loaded: {adapter_names()}")
+    # asked of one plugin (a subset caller): the answer must be attributed to the adapter that gave it
+    declared = _answer(_only(pm, "relax_adapter_options", {name})())
+    try:
+        return check_declaration(name, declared)
+    except (TypeError, ValueError) as exc:
+        raise PluginLoadError(str(exc)) from exc
+
+
 def list_adapters() -> list[AdapterInfo]:
     """Every loaded adapter with the distribution that provides it.
 
@@ -147,54 +188,100 @@ def list_adapters() -> list[AdapterInfo]:
         >>> "toy" in names or names == []   # [] when RELAX_PLUGINS_DISABLE_AUTOLOAD is set
         True
     """
-    pm = get_plugin_manager()
     out = []
     for name in adapter_names():
-        plugin = pm.get_plugin(name)
-        info_fn = getattr(plugin, "relax_adapter_info", None)
-        info = (info_fn() if callable(info_fn) else None) or {}
-        if not isinstance(info, dict) or not all(isinstance(info.get(k, ""), str) for k in ("description", "layers")):
-            raise PluginLoadError(f"adapter {name!r}: relax_adapter_info() must return a dict of strings "
-                                  f"{{'description': ..., 'layers': ...}}, got {info!r}")
+        info = adapter_info(name)
         dist = _distributions.get(name, "?")
-        out.append(AdapterInfo(name, dist, info.get("description", ""), info.get("layers", "")))
+        out.append(AdapterInfo(name, dist, info.get("description", ""), info.get("layers", ""),
+                               tuple(sorted(declared_options(name)))))
     return out
 
 
-def find_term(
-    module: Any, name: str, options: dict[str, Any], allowed: set[str] | None, root: Any = None
-) -> tuple[str, Any] | None:
-    """Ask adapters (pluggy call order) for a term for ``module``; return (adapter name, term)."""
-    pm = get_plugin_manager()
-    for impl in reversed(pm.hook.relax_make_term.get_hookimpls()):
-        if allowed is not None and impl.plugin_name not in allowed:
-            continue
-        kwargs = {"module": module, "name": name, "options": options, "root": root}
-        term = impl.function(**{k: kwargs[k] for k in impl.argnames})
-        if term is not None:
-            return impl.plugin_name, term
-    return None
+class AdapterFailure(Exception):
+    """An adapter's hook raised: carries the adapter's name and the hook for the core's message."""
+
+    def __init__(self, adapter: str, hook: str, exc: BaseException) -> None:
+        super().__init__(f"adapter {adapter!r} ({hook}): {type(exc).__name__}: {exc}")
+        self.adapter, self.hook, self.exc = adapter, hook, exc
 
 
-def observe(root: Any, example_inputs: tuple[tuple, dict], options: dict[str, Any], allowed: set[str] | None) -> None:
-    """Let every (allowed) adapter observe the model on the example inputs; merge what they return
-    into ``options`` (``"probe_notes"`` lists are concatenated)."""
-    pm = get_plugin_manager()
-    for impl in reversed(pm.hook.relax_observe.get_hookimpls()):
-        if allowed is not None and impl.plugin_name not in allowed:
-            continue
-        kwargs = {"root": root, "example_inputs": example_inputs, "options": options}
-        extra = impl.function(**{k: kwargs[k] for k in impl.argnames})
-        if not extra:
-            continue
-        notes = list(extra.pop("probe_notes", ()))
-        options.update(extra)
-        if notes:
-            options["probe_notes"] = [*options.get("probe_notes", ()), *notes]
+class AdapterCalls:
+    """The hooks of one relax() call, called through the plugin manager and restricted to the
+    adapters in use (``pm.subset_hook_caller`` when ``adapters=[...]`` names some).
 
+    ``relax_make_term`` and ``relax_observe`` are not called once for all adapters: each adapter
+    receives its *own* options (its namespace of ``adapter_options``, its declared defaults and what
+    its own ``relax_observe`` returned), and the core must know which adapter answered (the
+    wrapper's ``adapter``, its ``relax_wrapper_class``, the messages naming the adapter that failed or
+    returned something invalid). So the adapters are taken in pluggy's call order
+    (``get_hookimpls()``, last first, ``tryfirst``/``trylast`` respected) and each is called through a
+    subset hook caller holding that adapter and every hookwrapper in use: pluggy still does the
+    calling (argument selection, wrappers, tracing and ``add_hookcall_monitoring``).
+    """
 
-def wrapper_class_for(module: Any, adapter: str) -> type | None:
-    pm = get_plugin_manager()
-    plugin = pm.get_plugin(adapter)
-    fn = getattr(plugin, "relax_wrapper_class", None)
-    return fn(module=module) if callable(fn) else None
+    def __init__(self, allowed: set[str] | None = None) -> None:
+        self.pm = get_plugin_manager()
+        names = adapter_names()
+        self.adapters = names if allowed is None else [n for n in names if n in allowed]
+        self._callers: dict[tuple[str, str], pluggy.HookCaller] = {}
+        self._order: dict[str, list[str]] = {}
+
+    def subset(self, hook: str) -> pluggy.HookCaller:
+        """``pm.hook.<hook>`` restricted to the adapters in use."""
+        return _only(self.pm, hook, set(self.adapters))
+
+    def order(self, hook: str) -> list[str]:
+        """The adapters in use that implement ``hook``, in pluggy call order (wrappers excluded)."""
+        if hook not in self._order:
+            impls = self.subset(hook).get_hookimpls()
+            self._order[hook] = [i.plugin_name for i in reversed(impls) if not (i.hookwrapper or i.wrapper)]
+        return self._order[hook]
+
+    def one(self, hook: str, adapter: str) -> pluggy.HookCaller:
+        """``hook`` for ``adapter`` alone (plus the hookwrappers of the adapters in use)."""
+        key = (hook, adapter)
+        if key not in self._callers:
+            wrappers = {i.plugin_name for i in self.subset(hook).get_hookimpls() if i.hookwrapper or i.wrapper}
+            self._callers[key] = _only(self.pm, hook, {adapter} | wrappers)
+        return self._callers[key]
+
+    def declared(self) -> dict[str, dict[str, AdapterOption]]:
+        return {name: declared_options(name) for name in self.adapters}
+
+    def observe(self, root: Any, example_inputs: tuple[tuple, dict], options: dict[str, dict[str, Any]]) -> list[str]:
+        """Let every adapter in use observe the model; merge what each returns into its own options.
+        Returns the ``probe_notes`` lines."""
+        notes: list[str] = []
+        for adapter in self.order("relax_observe"):
+            try:
+                extra = _answer(self.one("relax_observe", adapter)(
+                    root=root, example_inputs=example_inputs, options=options[adapter]))
+            except Exception as exc:
+                raise AdapterFailure(adapter, "relax_observe", exc) from exc
+            if not extra:
+                continue
+            if not isinstance(extra, dict):
+                raise AdapterFailure(adapter, "relax_observe", TypeError(
+                    f"relax_observe() must return a dict or None, got {type(extra).__name__}"))
+            extra = dict(extra)
+            notes.extend(extra.pop("probe_notes", ()))
+            dict.update(options[adapter], extra)
+        return notes
+
+    def make_term(
+        self, module: Any, name: str, root: Any, options: dict[str, dict[str, Any]]
+    ) -> tuple[str, Any] | None:
+        """The first adapter (pluggy call order) with a term for ``module``: (adapter name, term)."""
+        for adapter in self.order("relax_make_term"):
+            try:
+                term = self.one("relax_make_term", adapter)(
+                    module=module, name=name, options=options[adapter], root=root)
+            except Exception as exc:
+                raise AdapterFailure(adapter, "relax_make_term", exc) from exc
+            if term is not None:
+                return adapter, term
+        return None
+
+    def wrapper_class(self, module: Any, adapter: str) -> type | None:
+        """``relax_wrapper_class`` of the adapter that relaxed ``module`` (firstresult)."""
+        return self.one("relax_wrapper_class", adapter)(module=module)

@@ -325,7 +325,9 @@ def check_adapter(
         theta: the θ > 0 used where a relaxed output is compared.
         seed: seed of the random W and V (a private generator: the global random state is untouched).
         generator: a generator to draw them from instead of ``seed``.
-        adapter_options: passed to ``relax(..., adapter_options=...)`` (e.g. ``{"set_size": 5}``).
+        adapter_options: the options of the adapter under check (e.g. ``{"set_size": 5}``), passed as
+            ``relax(..., adapter_options={<its registered name>: adapter_options})``; the namespaced
+            form ``{<its name>: {...}}`` is accepted too.
         observe: also pass ``example_inputs`` to ``relax`` (adapters with ``relax_observe`` see the layer at work).
         raise_on_failure: raise on failure (default); if False, return the report with ``failures`` filled.
 
@@ -376,7 +378,10 @@ class _Check:
                  theta: float, gen: torch.Generator, adapter_options: dict[str, Any] | None, observe: bool,
                  overrides: dict[str, float]) -> None:
         self.name, self.layer, self.dtype, self.tol, self.theta, self.gen = name, layer, dtype, tol, theta, gen
-        self.options = dict(adapter_options or {})
+        options = dict(adapter_options or {})
+        if list(options) == [name] and isinstance(options[name], dict):
+            options = dict(options[name])
+        self.options = {name: options} if options else {}
         self.overrides = overrides
         self.observe = observe
         if not isinstance(example_inputs, (Tensor, tuple, list, dict)):

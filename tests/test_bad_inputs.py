@@ -80,9 +80,18 @@ RELAX_CASES = [
     ("options_list", {"adapter_options": [1]}, TypeError, "adapter_options"),
     ("options_int_key", {"adapter_options": {1: 2}}, TypeError, "adapter_options"),
     ("options_override_rank", {"adapter_options": {"rank": 2}}, ValueError, "rank"),
-    ("options_unread_key", {"adapter_options": {"escnn_penalt": "defect"}}, ValueError, "escnn_penalt"),
+    ("options_override_rank_namespaced", {"adapter_options": {"toy": {"rank": 2}}}, ValueError, "rank"),
+    ("options_unknown_flat_key", {"adapter_options": {"escnn_penalt": "defect"}}, ValueError, "escnn_penalt"),
+    ("options_unknown_key", {"adapter_options": {"escnn": {"escnn_penalt": "defect"}}}, ValueError, "escnn_penalty"),
+    ("options_unknown_adapter", {"adapter_options": {"escn": {"escnn_penalty": "defect"}}}, rp.UnknownAdapterError,
+     "escn.*loaded adapters"),
+    ("options_wrong_type", {"adapter_options": {"toy": {"subgroup": "2"}}}, TypeError, r"toy\.subgroup.*int"),
+    ("options_not_a_dict", {"adapter_options": {"toy": 2}}, TypeError, "toy"),
+    ("options_unread_key", {"adapter_options": {"e3nn": {"subgroup": "SO(3)"}}}, ValueError, "not read"),
+    ("options_left_out_adapter", {"adapter_options": {"vn": {"vn_group": "O(3)"}}, "adapters": "toy"}, ValueError,
+     "leaves out"),
     ("include_matches_nothing", {"include": ["encoder.*"]}, rp.NothingToRelaxError, "include"),
-    ("toy_subgroup_not_dividing", {"adapter_options": {"subgroup": 3}, "adapters": "toy"}, None, None),
+    ("toy_subgroup_not_dividing", {"adapter_options": {"toy": {"subgroup": 3}}, "adapters": "toy"}, None, None),
 ]
 
 

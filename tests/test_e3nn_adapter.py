@@ -401,7 +401,7 @@ def test_low_rank_and_options():
     m(x).sum().backward()
     assert m[0].term.lora_b.grad is not None and m[0].term.lora_b.grad.abs().sum() > 0
     only_linear = rp.relax(nn.Sequential(o3.Linear("1x0e", "1x0e"), nn.Sequential(tp)), adapters=["e3nn"],
-                           adapter_options={"e3nn_tensor_products": False})
+                           adapter_options={"e3nn": {"e3nn_tensor_products": False}})
     assert [n for n, _ in rp.relaxed_modules(only_linear)] == ["0"]
 
 
@@ -412,7 +412,7 @@ def test_gates_on_request_and_empty_fibres_are_skipped():
                           Gate("4x0e", [torch.tanh], "2x0e", [torch.sigmoid], "2x1o"),
                           o3.Linear("4x0e + 2x1o", "3x0e"), Gate("3x0e", [torch.tanh], "", [], ""))
     assert [n for n, _ in rp.relaxed_modules(rp.relax(copy.deepcopy(model)))] == ["0", "2"]
-    relaxed = rp.relax(model, adapter_options={"e3nn_relax_gates": True})
+    relaxed = rp.relax(model, adapter_options={"e3nn": {"e3nn_relax_gates": True}})
     assert [n for n, _ in rp.relaxed_modules(relaxed)] == ["0", "1.mul", "2"]
 
 

@@ -299,7 +299,7 @@ def test_project_without_merge_is_bit_identical():
 @pytest.mark.parametrize("mode", ["residual", "defect", "both"])
 def test_penalty_zero_on_escnn_kernels_and_positive_otherwise(mode, dtype):
     model, t_in, _ = build("D4", dtype, k=3)
-    rp.relax(model, adapter_options={"escnn_penalty": mode})
+    rp.relax(model, adapter_options={"escnn": {"escnn_penalty": mode}})
     x = smooth_input(t_in, 2, 9, dtype)
     rp.set_theta(model, 1.0)
     with torch.no_grad():
@@ -538,7 +538,7 @@ def test_defect_penalty_refused_without_grid_symmetries():
     with pytest.raises(ValueError, match="residual"):
         ConvRelaxation(enn.R2Conv(t, t, 3), penalty="defect")
     with pytest.raises(rp.AdapterError):
-        rp.relax(enn.SequentialModule(enn.R2Conv(t, t, 3)), adapter_options={"escnn_penalty": "defect"})
+        rp.relax(enn.SequentialModule(enn.R2Conv(t, t, 3)), adapter_options={"escnn": {"escnn_penalty": "defect"}})
     assert ConvRelaxation(enn.R2Conv(t, t, 3), penalty="residual").penalty == "residual"
 
 

@@ -114,9 +114,10 @@ def test_wrong_input_shape_and_options():
     with pytest.raises(ValueError, match="input must be"):
         model(torch.randn(4, 27, dtype=torch.float64), torch.ones(4, 2, dtype=torch.float64))
     with pytest.raises(rp.AdapterError, match="subgroup"):
-        rp.relax(Holder(_contraction()), adapters=["mace"], adapter_options={"subgroup": "C4"})
+        rp.relax(Holder(_contraction()), adapters=["mace"], adapter_options={"mace": {"subgroup": "C4"}})
     with pytest.raises(rp.NothingToRelaxError):
-        rp.relax(Holder(_contraction()), adapters=["mace"], adapter_options={"mace_symmetric_contractions": False})
+        rp.relax(Holder(_contraction()), adapters=["mace"],
+                 adapter_options={"mace": {"mace_symmetric_contractions": False}})
     term = rp.relax(Holder(_contraction()), adapters=["mace"], rank=2).sc.term
     assert term.rank == 2 and term.dense().shape == (12, 27)
 

@@ -4,7 +4,7 @@ NequIP is built from e3nn layers, so the ``e3nn`` adapter relaxes it without any
 code: per interaction block ``linear_1``, the per-edge ``tp_scatter.tp`` (weights from the radial
 MLP) and ``linear_2``, and the self-connection ``sc`` (a ``FullyConnectedTensorProduct`` with the type
 embedding). Not relaxed: the parameter-free products inside the ``Gate`` nonlinearities (by design,
-``adapter_options={"e3nn_relax_gates": True}`` includes them), the scalar MLPs (type embedding,
+``adapter_options={"e3nn": {"e3nn_relax_gates": True}}`` includes them), the scalar MLPs (type embedding,
 radial MLPs, readout: maps of invariants, any weight is already equivariant), per-type scale/shift.
 
 The molecules are built by hand (rattled H/C/O templates, every ordered pair an edge, all within
@@ -265,7 +265,7 @@ def test_nequip_round_trip(nequip_setup):
 def test_nequip_gates_on_request(nequip_setup):
     base, mols = nequip_setup
     keys = list(base.state_dict())
-    model = rp.relax(copy.deepcopy(base), adapter_options={"e3nn_relax_gates": True})
+    model = rp.relax(copy.deepcopy(base), adapter_options={"e3nn": {"e3nn_relax_gates": True}})
     gates = [n for n, _ in rp.relaxed_modules(model) if "equivariant_nonlin" in n]
     assert gates == ["model.func.layer0_convnet.equivariant_nonlin.mul"]  # the last block's gate acts on scalars only
     train(model, mols, steps=3)

@@ -165,7 +165,7 @@ def test_installed_third_party_example_package():
     before = model(x)
     with pytest.raises(rp.AdapterError, match="set size"):
         rp.relax(model)
-    rp.relax(model, adapter_options={"set_size": 5})
+    rp.relax(model, adapter_options={"setlinear": {"set_size": 5}})
     rp.set_theta(model, 1.0)
     assert torch.equal(model(x), before)
     with torch.no_grad():

@@ -116,8 +116,14 @@ def test_visnet_batching_and_penalty():
 def test_vis_mp_alone_needs_lmax():
     model = _visnet(torch.float32, 2)
     pattern = ["representation_model.vis_mp_layers.*"]
+    # include= selects the layers alone: lmax is still read from the enclosing ViSNetBlock of the model
+    selected = rp.relax(copy.deepcopy(model), adapters=["pyg"], include=pattern)
+    assert len(list(rp.relaxed_modules(selected))) == 2
+    # a layer relaxed on its own cannot tell its lmax, even right after its ViSNet was relaxed (the
+    # adapter keeps no state between relax() calls)
+    rp.project(rp.relax(model, adapters=["pyg"]))
     with pytest.raises(rp.AdapterError, match="visnet_lmax"):
-        rp.relax(copy.deepcopy(model), adapters=["pyg"], include=pattern)
-    relaxed = rp.relax(model, adapters=["pyg"], include=pattern, adapter_options={"visnet_lmax": 2})
+        rp.relax(model.representation_model.vis_mp_layers[0], adapters=["pyg"])
+    relaxed = rp.relax(model, adapters=["pyg"], include=pattern, adapter_options={"pyg": {"visnet_lmax": 2}})
     assert len(list(rp.relaxed_modules(relaxed))) == 2
     relaxed(*_molecules(torch.float32))

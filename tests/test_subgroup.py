@@ -28,7 +28,7 @@ def error(model, g_in, g_out, x):
 
 def test_so2_relaxed_to_c2(dtype):
     # on 2D vectors Hom_C4 = Hom_SO(2) (aI + bJ); C2 (rotation by π = −I) is a proper relaxation
-    model = rp.relax(nn.Sequential(SO2Linear(2, 2)).to(dtype), adapter_options={"subgroup": 2})
+    model = rp.relax(nn.Sequential(SO2Linear(2, 2)).to(dtype), adapter_options={"toy": {"subgroup": 2}})
     rp.set_theta(model, 1.0)
     x = torch.randn(64, 4, dtype=dtype)
     train_a_bit(model, x)
@@ -44,7 +44,7 @@ def test_so2_relaxed_to_c2(dtype):
 
 
 def test_c4_relaxed_to_c2():
-    model = rp.relax(nn.Sequential(CNLinear(2, 2, n=4)).double(), adapter_options={"subgroup": 2})
+    model = rp.relax(nn.Sequential(CNLinear(2, 2, n=4)).double(), adapter_options={"toy": {"subgroup": 2}})
     rp.set_theta(model, 1.0)
     x = torch.randn(64, 8, dtype=torch.float64)
     train_a_bit(model, x)
@@ -53,7 +53,7 @@ def test_c4_relaxed_to_c2():
     W = model[0].term.dense().detach()
     assert torch.allclose(model[0].term.subgroup(W), W, atol=1e-12)  # W ∈ Hom_H
     with pytest.raises(rp.AdapterError, match="not a subgroup"):
-        rp.relax(nn.Sequential(CNLinear(1, 1, n=4)), adapter_options={"subgroup": 3})
+        rp.relax(nn.Sequential(CNLinear(1, 1, n=4)), adapter_options={"toy": {"subgroup": 3}})
 
 
 def test_e3nn_o3_relaxed_to_so3():
@@ -61,7 +61,7 @@ def test_e3nn_o3_relaxed_to_so3():
     from relax_e3nn.irreps import D_from_matrix64
 
     lin = o3.Linear("2x0e + 1x0o + 2x1o + 1x1e", "1x0e + 1x0o + 2x1o + 1x1e").double()
-    model = rp.relax(nn.Sequential(lin), adapters=["e3nn"], adapter_options={"subgroup": "SO(3)"})
+    model = rp.relax(nn.Sequential(lin), adapters=["e3nn"], adapter_options={"e3nn": {"subgroup": "SO(3)"}})
     rp.set_theta(model, 1.0)
     with torch.no_grad():
         model[0].term.weight.normal_()
@@ -78,7 +78,7 @@ def test_e3nn_o3_relaxed_to_so3():
     with torch.no_grad():
         assert (model(x @ P_in.T) - model(x) @ P_out.T).abs().max() < 1e-12
     with pytest.raises(rp.AdapterError, match="subgroup"):
-        rp.relax(nn.Sequential(o3.Linear("1x0e", "1x0e")), adapter_options={"subgroup": "SO(5)"})
+        rp.relax(nn.Sequential(o3.Linear("1x0e", "1x0e")), adapter_options={"e3nn": {"subgroup": "SO(5)"}})
 
 
 def test_escnn_c8_relaxed_to_c4():
@@ -91,7 +91,7 @@ def test_escnn_c8_relaxed_to_c4():
     for sub in (None, 4):
         torch.manual_seed(0)
         conv = enn.R2Conv(t_in, t_out, 5, padding=2)
-        options = {} if sub is None else {"subgroup": sub}
+        options = {} if sub is None else {"escnn": {"subgroup": sub}}
         model = rp.relax(enn.SequentialModule(conv), adapters=["escnn"], adapter_options=options)
         rp.set_theta(model, 1.0)
         with torch.no_grad():
@@ -116,7 +116,7 @@ def test_escnn_d4_relaxed_to_c4():
     errors = {}
     for sub in (None, (None, 4)):
         torch.manual_seed(0)
-        options = {} if sub is None else {"subgroup": sub}
+        options = {} if sub is None else {"escnn": {"subgroup": sub}}
         model = rp.relax(enn.SequentialModule(enn.R2Conv(t, t, 3, padding=1)), adapters=["escnn"],
                          adapter_options=options)
         rp.set_theta(model, 1.0)
@@ -138,7 +138,7 @@ def test_e3nn_so3_relaxed_to_so2_about_an_axis(axis):
     from relax_e3nn.irreps import D_from_matrix64
 
     lin = o3.Linear("2x0e + 2x1o + 1x2e", "1x0e + 2x1o + 1x2e").double()
-    model = rp.relax(nn.Sequential(lin), adapters=["e3nn"], adapter_options={"subgroup": f"SO(2)_{axis}"})
+    model = rp.relax(nn.Sequential(lin), adapters=["e3nn"], adapter_options={"e3nn": {"subgroup": f"SO(2)_{axis}"}})
     rp.set_theta(model, 1.0)
     with torch.no_grad():
         model[0].term.weight.normal_()

@@ -294,7 +294,8 @@ def test_name_fallback_when_parent_source_is_unavailable():
     assert vnp.vn_linear_names(namespace["Hidden"]) is None
     model = rp.relax(nn.Sequential(namespace["Hidden"]()), adapters=["vn"])
     assert claimed(model) == {"0.map_to_feat"}  # not the unknown name, not the biased Linear
-    model = rp.relax(nn.Sequential(namespace["Hidden"]()), adapters=["vn"], adapter_options={"vn_names": ["mixer"]})
+    model = rp.relax(nn.Sequential(namespace["Hidden"]()), adapters=["vn"],
+                     adapter_options={"vn": {"vn_names": ["mixer"]}})
     assert claimed(model) == {"0.map_to_feat", "0.mixer"}
 
 
@@ -369,7 +370,7 @@ def test_o3_option_adds_reflection_and_keeps_projection():
     torch.manual_seed(5)
     net = nn.Sequential(VNLinearLeakyReLU(2, 4), VNLinear(4, 3), VNLeakyReLU(3)).double()
     x = torch.randn(3, 2, 3, 10, dtype=torch.float64)
-    model = rp.relax(net, adapter_options={"vn_group": "O(3)"})
+    model = rp.relax(net, adapter_options={"vn": {"vn_group": "O(3)"}})
     term = model[1].map_to_feat.term
     assert term.symmetry.num_group == 1 and term.symmetry.name == "O(3)"
     randomise_relaxation(model)
@@ -384,7 +385,7 @@ def test_o3_option_adds_reflection_and_keeps_projection():
     out = rp.project(model, merge=True)
     assert rel_err(out(rotate(mirror, x)), rotate(mirror, out(x))) < 1e-10
     with pytest.raises(rp.AdapterError):
-        rp.relax(nn.Sequential(VNLinear(2, 2)), adapter_options={"vn_group": "SE(3)"})
+        rp.relax(nn.Sequential(VNLinear(2, 2)), adapter_options={"vn": {"vn_group": "SE(3)"}})
 
 
 @pytest.mark.parametrize("spatial", [(), (5,), (4, 3)])

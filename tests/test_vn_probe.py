@@ -238,7 +238,7 @@ def test_example_inputs_validation_and_axis_option():
         rp.relax(model, example_inputs=(torch.randn(2, 5, 3, 4, dtype=DT),))  # wrong channels: forward fails
     assert not list(rp.relaxed_modules(model))
     x = torch.randn(2, 2, 3, 3, dtype=DT)  # axes 2 and 3 both have size 3: the option disambiguates
-    rp.relax(model, example_inputs={"args": (x,)}, adapter_options={"vn_input_axis": 2})
+    rp.relax(model, example_inputs={"args": (x,)}, adapter_options={"vn": {"vn_input_axis": 2}})
     assert model[0].term.layout.xyz == 2
     with pytest.raises(rp.NothingToRelaxError, match="vn: "):
         rp.relax(nn.Sequential(EinsumVNLinear(2, 3)).double(), example_inputs=torch.randn(2, 2, 4, 4, dtype=DT))

@@ -15,7 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from relax_plugins import RelaxationTerm, hookimpl
+from relax_plugins import AdapterOption, RelaxationTerm, hookimpl
+
+SUBGROUPS = ("SO(3)", "SO(2)", "SO(2)_x", "SO(2)_y", "SO(2)_z")
 
 
 @hookimpl
@@ -24,9 +26,10 @@ def relax_make_term(
 ) -> RelaxationTerm | None:
     """A term for ``o3.Linear`` / ``o3.TensorProduct`` layers, None for anything else.
 
-    Adapter options (``relax(model, adapter_options={...})``): ``e3nn_tensor_products`` (default
-    True) — set False to relax only the ``o3.Linear`` layers; ``e3nn_relax_gates`` (default False)
-    — also relax the parameter-free tensor product inside ``e3nn.nn.Gate``.
+    Adapter options (``relax(model, adapter_options={"e3nn": {...}})``, see :func:`relax_adapter_options`):
+    ``e3nn_tensor_products`` (default True) — set False to relax only the ``o3.Linear`` layers;
+    ``e3nn_relax_gates`` (default False) — also relax the parameter-free tensor product inside
+    ``e3nn.nn.Gate``; ``subgroup``.
 
     Example:
         >>> import torch, e3nn.o3 as o3, relax_plugins as rp
@@ -48,7 +51,7 @@ def relax_make_term(
     kw = {"rank": options.get("rank"), "init_std": float(options.get("init_std", 0.0))}
     subgroup = options.get("subgroup")
     if subgroup is not None:
-        if subgroup not in ("SO(3)", "SO(2)", "SO(2)_x", "SO(2)_y", "SO(2)_z"):
+        if subgroup not in SUBGROUPS:
             raise ValueError(
                 "e3nn adapter: subgroup must be 'SO(3)' (O(3) → SO(3)) or 'SO(2)_x'/'_y'/'_z' (rotations about "
                 f"one axis; 'SO(2)' = z), got {subgroup!r}"
@@ -65,7 +68,21 @@ def _inside_gate(root: nn.Module | None, name: str) -> bool:
         return False
     parts = name.split(".")
     return any(isinstance(root.get_submodule(".".join(parts[:i])), e3nn_nn.Gate) for i in range(len(parts)))
-    return None
+
+
+@hookimpl
+def relax_adapter_options() -> dict[str, AdapterOption]:
+    """The options of ``relax(model, adapter_options={"e3nn": {...}})``.
+
+    Example:
+        >>> sorted(relax_adapter_options())
+        ['e3nn_relax_gates', 'e3nn_tensor_products', 'subgroup']
+    """
+    return {
+        "e3nn_tensor_products": AdapterOption(bool, True, "relax o3.TensorProduct layers too (False: o3.Linear only)"),
+        "e3nn_relax_gates": AdapterOption(bool, False, "also relax the weightless tensor product inside e3nn.nn.Gate"),
+        "subgroup": AdapterOption(str, None, f"relax O(3) only down to this subgroup, one of {SUBGROUPS}"),
+    }
 
 
 @hookimpl

@@ -4,11 +4,13 @@
 escnn is not imported here: a model cannot hold escnn layers unless escnn was already imported,
 so the hooks check ``sys.modules`` and import the escnn-dependent modules only then.
 
-Adapter options (``relax(model, adapter_options={...})``):
+Adapter options (``relax(model, adapter_options={"escnn": {...}})``, see :func:`relax_adapter_options`):
 
 * ``escnn_penalty``: ``"residual"`` (default), ``"defect"`` or ``"both"`` for convolutions
   (see :class:`relax_escnn.conv.ConvRelaxation`);
-* ``escnn_activation_norm``: ``"kernel"`` (default) or ``"exact"`` for convolutions.
+* ``escnn_activation_norm``: ``"kernel"`` (default) or ``"exact"`` for convolutions;
+* ``subgroup``: keep convolutions exactly equivariant to this subgroup (an escnn subgroup id, as
+  ``FieldType.restrict`` takes it: ``4`` for C8 → C4, ``(None, 4)`` for D4 → C4).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from relax_plugins import RelaxationTerm, hookimpl
+from relax_plugins import AdapterOption, RelaxationTerm, hookimpl
 
 
 def _escnn_loaded() -> bool:
@@ -65,6 +67,16 @@ def relax_wrapper_class(module: nn.Module) -> type | None:
     from .wrapper import relaxed_equivariant_class
 
     return relaxed_equivariant_class()
+
+
+@hookimpl
+def relax_adapter_options() -> dict[str, AdapterOption]:
+    """The options of ``relax(model, adapter_options={"escnn": {...}})`` (see the module docstring)."""
+    return {
+        "escnn_penalty": AdapterOption(str, "residual", 'convolution penalty: "residual", "defect" or "both"'),
+        "escnn_activation_norm": AdapterOption(str, "kernel", 'norm penalty of convolutions: "kernel" or "exact"'),
+        "subgroup": AdapterOption(object, None, "escnn subgroup id (FieldType.restrict) kept exact: 4, (None, 4)"),
+    }
 
 
 @hookimpl

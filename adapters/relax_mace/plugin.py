@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from relax_plugins import RelaxationTerm, hookimpl
+from relax_plugins import AdapterOption, RelaxationTerm, hookimpl
 
 SUBGROUPS = ("SO(3)", "SO(2)", "SO(2)_x", "SO(2)_y", "SO(2)_z")
 
@@ -21,7 +21,7 @@ SUBGROUPS = ("SO(3)", "SO(2)", "SO(2)_x", "SO(2)_y", "SO(2)_z")
 def relax_make_term(module: nn.Module, options: dict[str, Any]) -> RelaxationTerm | None:
     """A term for ``SymmetricContraction`` layers, None for anything else.
 
-    Adapter options (``relax(model, adapter_options={...})``): ``mace_symmetric_contractions``
+    Adapter options (``relax(model, adapter_options={"mace": {...}})``): ``mace_symmetric_contractions``
     (default True) — set False to leave them alone; ``subgroup`` as for the e3nn adapter
     (``"SO(3)"``, ``"SO(2)_x"``/``_y``/``_z``).
     """
@@ -39,6 +39,15 @@ def relax_make_term(module: nn.Module, options: dict[str, Any]) -> RelaxationTer
     from .terms import MaceSymmetricContractionRelaxation
 
     return MaceSymmetricContractionRelaxation(module, **kw)
+
+
+@hookimpl
+def relax_adapter_options() -> dict[str, AdapterOption]:
+    """The options of ``relax(model, adapter_options={"mace": {...}})``."""
+    return {
+        "mace_symmetric_contractions": AdapterOption(bool, True, "relax SymmetricContraction layers (False: not)"),
+        "subgroup": AdapterOption(str, None, f"relax O(3) only down to this subgroup, one of {SUBGROUPS}"),
+    }
 
 
 @hookimpl

@@ -8,8 +8,9 @@
 
 ViSNet's ``vec`` has shape (N, 3, H) for lmax = 1 and (N, 8, H) for lmax = 2: H copies of 1o
 (+ 2e), component-major, i.e. the e3nn irreps "Hx1o(+Hx2e)" in the ``ir_mul`` layout. The layers
-themselves do not store lmax: it is read from the enclosing ``ViSNetBlock`` / ``ViSNet`` when
-relax() walks the model (outermost first), or from ``adapter_options={"visnet_lmax": 1 | 2}``.
+themselves do not store lmax: it is read from the enclosing ``ViSNetBlock`` / ``ViSNet`` of the
+model being relaxed (looked up from the layer's qualified name, nothing is remembered between
+calls), or from ``adapter_options={"pyg": {"visnet_lmax": 1 | 2}}``.
 ViSNet uses dot products and spherical harmonics only (no cross products), so it is
 O(3)-equivariant and the inversion is a generator of the relaxation's symmetry.
 """
@@ -17,7 +18,6 @@ O(3)-equivariant and the inversion is a generator of the relaxation's symmetry.
 from __future__ import annotations
 
 import sys
-import weakref
 from typing import Any
 
 from torch import nn
@@ -25,10 +25,7 @@ from torch import nn
 from .irreps import Field
 from .spec import LayerSpec
 
-__all__ = ["builtin_spec", "remember_context", "visnet_vec_field"]
-
-# layer -> lmax, filled while relax() visits a ViSNet / ViSNetBlock before its children
-_LMAX: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+__all__ = ["builtin_spec", "enclosing_lmax", "visnet_vec_field"]
 
 
 def visnet_vec_field(channels: int, lmax: int) -> Field:
@@ -47,43 +44,52 @@ def _visnet() -> Any:
     return sys.modules.get("torch_geometric.nn.models.visnet")
 
 
-def remember_context(module: nn.Module) -> None:
-    """Record lmax for the ViSNet layers inside ``module`` (a ViSNet or ViSNetBlock)."""
+def enclosing_lmax(module: nn.Module, name: str, root: nn.Module | None) -> int | None:
+    """lmax of the ``ViSNetBlock`` / ``ViSNet`` that holds ``module`` (at qualified name ``name`` in
+    ``root``) as one of its message-passing layers or output blocks, nearest first; None if none does."""
     vis = _visnet()
-    if vis is None:
-        return
-    if isinstance(module, vis.ViSNetBlock):
-        for layer in module.vis_mp_layers:
-            _LMAX[layer] = int(module.lmax)
-    elif isinstance(module, vis.ViSNet):
-        lmax = int(module.representation_model.lmax)
-        remember_context(module.representation_model)
-        for block in getattr(module.output_model, "output_network", []):
-            _LMAX[block] = lmax
+    if vis is None or root is None or not name:
+        return None
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        outer = root.get_submodule(".".join(parts[:i]))
+        if isinstance(outer, vis.ViSNetBlock) and any(layer is module for layer in outer.vis_mp_layers):
+            return int(outer.lmax)
+        if isinstance(outer, vis.ViSNet) and any(
+            block is module for block in getattr(outer.output_model, "output_network", [])
+        ):
+            return int(outer.representation_model.lmax)
+    return None
 
 
-def _lmax(module: nn.Module, options: dict[str, Any]) -> int:
+def _lmax(module: nn.Module, options: dict[str, Any], name: str, root: nn.Module | None) -> int:
     if options.get("visnet_lmax") is not None:
         return int(options["visnet_lmax"])
-    if module in _LMAX:
-        return _LMAX[module]
+    lmax = enclosing_lmax(module, name, root)
+    if lmax is not None:
+        return lmax
     raise ValueError(
         f"cannot tell the lmax of this {type(module).__name__} (its vectors are (N, 3, H) for lmax 1, (N, 8, H) "
-        "for lmax 2): relax the enclosing ViSNet / ViSNetBlock, or pass adapter_options={'visnet_lmax': 1 or 2}"
+        "for lmax 2): relax the enclosing ViSNet / ViSNetBlock, or pass "
+        "adapter_options={'pyg': {'visnet_lmax': 1 or 2}}"
     )
 
 
-def builtin_spec(module: nn.Module, options: dict[str, Any]) -> LayerSpec | None:
-    """The :class:`LayerSpec` of a PyG built-in equivariant layer, or None."""
+def builtin_spec(
+    module: nn.Module, options: dict[str, Any], name: str = "", root: nn.Module | None = None
+) -> LayerSpec | None:
+    """The :class:`LayerSpec` of a PyG built-in equivariant layer, or None (``name``/``root``: where
+    the layer sits in the model being relaxed, for its lmax)."""
     vis = _visnet()
     if vis is None:
         return None
     if isinstance(module, vis.ViS_MP):
-        h, lmax = int(module.hidden_channels), _lmax(module, options)
+        h, lmax = int(module.hidden_channels), _lmax(module, options, name, root)
         vec = visnet_vec_field(h, lmax)
         return LayerSpec({"x": f"{h}x0e", "vec": vec}, (f"{h}x0e", vec, None), group="O(3)")
     if isinstance(module, vis.GatedEquivariantBlock):
-        h_in, h_out, lmax = int(module.vec1_proj.in_features), int(module.out_channels), _lmax(module, options)
+        h_in, h_out, lmax = int(module.vec1_proj.in_features), int(module.out_channels), _lmax(
+            module, options, name, root)
         return LayerSpec(
             {"x": f"{h_in}x0e", "v": visnet_vec_field(h_in, lmax)},
             (f"{h_out}x0e", visnet_vec_field(h_out, lmax)),

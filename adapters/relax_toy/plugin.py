@@ -8,7 +8,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from relax_plugins import LinearRelaxation, Symmetry, hookimpl
+from relax_plugins import AdapterOption, LinearRelaxation, Symmetry, hookimpl
 
 
 class SO2Relaxation(LinearRelaxation):
@@ -71,6 +71,12 @@ def relax_make_term(module: nn.Module, options: dict) -> LinearRelaxation | None
         term.pure_bases = (layers.CNLinear,)
         return term
     return None
+
+
+@hookimpl
+def relax_adapter_options() -> dict[str, AdapterOption]:
+    """The options of ``relax(model, adapter_options={"toy": {...}})``."""
+    return {"subgroup": AdapterOption(int, None, "k: relax only down to the cyclic subgroup C_k")}
 
 
 @hookimpl

@@ -13,7 +13,7 @@ mixins, so a helper method counts) and claims the Linear with :class:`VNLinearRe
 method calls ``self.<attr>(<expr>.transpose(1, -1))`` on it and it is bias-free. Nothing is recorded
 and the model is not touched. Only when the parent's source cannot be read (classes built with
 ``exec``) a bias-free Linear is claimed by its attribute name, one of :data:`VN_LINEAR_NAMES` (or
-``adapter_options={"vn_names": [...]}``).
+``adapter_options={"vn": {"vn_names": [...]}}``).
 
 With ``relax(model, example_inputs=...)`` the adapter does not read source text for the modules it
 sees at work: a probe forward (:mod:`relax_vn.probe`) finds the bias-free Linears whose inputs carry
@@ -32,12 +32,13 @@ so(3) generators are ``A_k ⊗ I_C`` (generator-major in the penalty), the inter
 ``I_3 ⊗ M`` (the same space as "M ⊗ I_3" in channel-major order) and P(W) is the block trace
 average; merging adds M to the Linear's weight.
 
-Options (``relax(model, adapter_options={...})``):
+Options (``relax(model, adapter_options={"vn": {...}})``, see :func:`relax_adapter_options`):
     ``vn_group``: "SO(3)" (default, the paper) or "O(3)" (adds the mirror diag(-1, 1, 1) as a discrete
     generator; VN layers are reflection-equivariant, the intertwiner space is the same);
     ``vn_names``: extra Linear attribute names accepted by the name fallback;
     ``vn_penalty_rows``: fibres per layer and step the penalties are estimated on (default 256,
-    None for all; an evenly strided subsample, sums rescaled to all fibres).
+    None for all; an evenly strided subsample, sums rescaled to all fibres);
+    ``vn_input_axis``: the xyz axis of the example inputs for the probe (default: found by trying).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from relax_plugins import LinearRelaxation, PenaltyTerms, Symmetry, hookimpl
+from relax_plugins import AdapterOption, LinearRelaxation, PenaltyTerms, Symmetry, hookimpl
 from relax_plugins.symmetry import KronGenerators
 from relax_plugins.term import low_rank_apply, may_modify_inputs
 
@@ -539,24 +540,26 @@ def relax_make_term(
         >>> sorted(n for n, _ in rp.relaxed_modules(m))
         ['0.map_to_dir', '0.map_to_feat']
     """
-    common = {
-        "group": options.get("vn_group", "SO(3)"),
-        "rank": options.get("rank"),
-        "init_std": options.get("init_std", 0.0),
-        "penalty_rows": options.get("vn_penalty_rows", DEFAULT_PENALTY_ROWS),
-    }
+    def common() -> dict[str, Any]:  # read only for layers it claims: options for absent layers are refused
+        return {
+            "group": options.get("vn_group", "SO(3)"),
+            "rank": options.get("rank"),
+            "init_std": options.get("init_std", 0.0),
+            "penalty_rows": options.get("vn_penalty_rows", DEFAULT_PENALTY_ROWS),
+        }
+
     probe: VNProbe | None = options.get("vn_probe")
     if probe is not None and id(module) in probe.called:
         # observed at work: what it did decides, not how its source is written
         if id(module) in probe.modules:
-            return VNModuleRelaxation(probe.modules[id(module)], **common)
+            return VNModuleRelaxation(probe.modules[id(module)], **common())
         if isinstance(module, nn.Linear) and module.bias is None:
             if id(module) in probe.linears:
                 return VNLinearRelaxation(
-                    module.in_features, module.out_features, axes=probe.linears[id(module)], **common
+                    module.in_features, module.out_features, axes=probe.linears[id(module)], **common()
                 )
             if name.rsplit(".", 1)[-1] in options.get("vn_names", ()):  # the user names it: claimed anyway
-                return VNLinearRelaxation(module.in_features, module.out_features, **common)
+                return VNLinearRelaxation(module.in_features, module.out_features, **common())
         return None
     if not isinstance(module, nn.Linear):
         return None
@@ -566,7 +569,24 @@ def relax_make_term(
         verdict = module.bias is None and name.rsplit(".", 1)[-1] in names
     if not verdict:
         return None
-    return VNLinearRelaxation(module.in_features, module.out_features, **common)
+    return VNLinearRelaxation(module.in_features, module.out_features, **common())
+
+
+@hookimpl
+def relax_adapter_options() -> dict[str, AdapterOption]:
+    """The options of ``relax(model, adapter_options={"vn": {...}})`` (see the module docstring).
+
+    Example:
+        >>> sorted(relax_adapter_options())
+        ['vn_group', 'vn_input_axis', 'vn_names', 'vn_penalty_rows']
+    """
+    return {
+        "vn_group": AdapterOption(str, "SO(3)", '"SO(3)" (the paper) or "O(3)" (adds the mirror)'),
+        "vn_names": AdapterOption((list, tuple), (), "extra Linear attribute names the name fallback accepts"),
+        "vn_penalty_rows": AdapterOption((int, type(None)), DEFAULT_PENALTY_ROWS,
+                                         "fibres per layer and step the penalties are estimated on (None: all)"),
+        "vn_input_axis": AdapterOption(int, None, "xyz axis of the example inputs for the probe (default: tried)"),
+    }
 
 
 @hookimpl

@@ -21,7 +21,7 @@ rotation R along its xyz axis, and records
 Everything runs inside :func:`relax_plugins.probe.preserved_state` (eval mode, no gradients, state
 and RNGs restored). Which axis of each example input is xyz: every axis of size 3 but the first
 (the batch axis) is tried, combination by combination (at most 16), and the combination that finds
-the most maps wins; ``adapter_options={"vn_input_axis": a}`` fixes it.
+the most maps wins; ``adapter_options={"vn": {"vn_input_axis": a}}`` fixes it.
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ def probe_vn(root: nn.Module, args: tuple, kwargs: dict, options: dict[str, Any]
     if not tensors or all(all(a is None for a in c) for c in combos):
         result.notes.append(
             "vn: no floating-point example input has an axis of size 3 to rotate "
-            "(pass example_inputs with xyz on one axis, or adapter_options={'vn_input_axis': a})"
+            "(pass example_inputs with xyz on one axis, or adapter_options={'vn': {'vn_input_axis': a}})"
         )
         combos = []
     gen = torch.Generator().manual_seed(12345)

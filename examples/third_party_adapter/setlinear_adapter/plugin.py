@@ -61,12 +61,18 @@ class SetRelaxation(rp.LinearRelaxation):
 
 
 @rp.hookimpl
+def relax_adapter_options() -> dict[str, rp.AdapterOption]:
+    # what users may pass as relax(model, adapter_options={"setlinear": {...}}); checked by the core
+    return {"set_size": rp.AdapterOption(int, None, "number n of set elements (required)")}
+
+
+@rp.hookimpl
 def relax_make_term(module: nn.Module, options: dict) -> rp.LinearRelaxation | None:
     if not isinstance(module, SetLinear):
         return None
     n = options.get("set_size")
     if n is None:
-        raise ValueError("SetLinear needs the set size: relax(model, adapter_options={'set_size': n})")
+        raise ValueError("SetLinear needs the set size: relax(model, adapter_options={'setlinear': {'set_size': n}})")
     return SetRelaxation(module, int(n), rank=options.get("rank"), init_std=options.get("init_std", 0.0))
 
 
