@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "list":
-            rows = [("adapter", "distribution", "layers")] + [
-                (a.name, a.distribution, a.layers or a.description) for a in list_adapters()
+            rows = [("adapter", "distribution", "layers", "adapter_options")] + [
+                (a.name, a.distribution, a.layers or a.description, ", ".join(a.options) or "-")
+                for a in list_adapters()
             ]
             sys.stdout.write(_table(rows) + "\n")
             return 0
