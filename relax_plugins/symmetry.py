@@ -44,9 +44,11 @@ MAX_GENERIC_NULLSPACE = 4096
 class KronGenerators:
     """Generators ``factor_k ⊗ I_channels`` (fibre index ``j·channels + c``), kept as small factors.
 
-    A :class:`Symmetry` built from these materialises the dense (k, d, d) matrices only if something
-    asks for them; adapters with structured penalties and projections (vector neurons) never do, which
-    saves O(d²) memory per layer on wide layers.
+    A :class:`Symmetry` built from these (or from any object with ``count``, ``dim``, ``dense()`` and
+    ``to(device)``, such as :class:`relax_plugins.irreps.FibreGenerators`) materialises the dense
+    (k, d, d) matrices only if something asks for them; adapters with structured penalties and
+    projections (vector neurons, torch-geometric) never do, which saves O(d²) memory per layer on wide
+    layers.
 
     Example:
         >>> import torch
@@ -72,6 +74,16 @@ class KronGenerators:
     def dense(self) -> Tensor:
         eye = torch.eye(self.channels, dtype=torch.float64, device=self.factors.device)
         return torch.stack([torch.kron(f, eye) for f in self.factors])
+
+    def to(self, device: torch.device) -> KronGenerators:
+        self.factors = self.factors.to(device)
+        return self
+
+
+def _is_lazy(mats: Any) -> bool:
+    """Structured generators (:class:`KronGenerators`, :class:`relax_plugins.irreps.FibreGenerators`):
+    ``count``, ``dim``, ``dense()`` and ``to(device)``, materialised only on first use."""
+    return all(hasattr(mats, a) for a in ("count", "dim", "dense", "to")) and not isinstance(mats, Tensor)
 
 
 _GENERATORS = ("lie_in", "lie_out", "group_in", "group_out")
@@ -124,12 +136,12 @@ class Symmetry(nn.Module):
     ) -> None:
         super().__init__()
         self.dim_in, self.dim_out, self.name = int(dim_in), int(dim_out), name
-        self._lazy: dict[str, KronGenerators] = {}
+        self._lazy: dict[str, Any] = {}
         self._device = torch.device("cpu")
         counts = {}
         for key, mats, d in (("lie_in", lie_in, dim_in), ("lie_out", lie_out, dim_out),
                              ("group_in", group_in, dim_in), ("group_out", group_out, dim_out)):
-            if isinstance(mats, KronGenerators):
+            if _is_lazy(mats):
                 if mats.dim != d:
                     raise ValueError(f"{key}: structured generators of dimension {mats.dim}, expected {d}")
                 self._lazy[key], counts[key] = mats, mats.count
@@ -173,7 +185,7 @@ class Symmetry(nn.Module):
             if name in self._buffers:
                 self._buffers[name] = self._buffers[name].to(device=probe.device)
         for lazy in self._lazy.values():
-            lazy.factors = lazy.factors.to(probe.device)
+            lazy.to(probe.device)
         return self
 
     @property

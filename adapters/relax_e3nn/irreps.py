@@ -1,5 +1,9 @@
 """O(3) representation helpers in e3nn's feature layout (imports e3nn; loaded lazily by the plugin).
 
+The fibre structure, structured generators and Schur projection are the core's
+(:mod:`relax_plugins.irreps`); this module supplies e3nn's own generators (:func:`so3_generators64`,
+derived from e3nn, equal to the core's torch-only closed form to 1e-15) and e3nn-facing helpers.
+
 Conventions: a feature vector of ``Irreps("2x1o + 1x0e")`` is laid out copy-major, irrep by irrep,
 exactly as e3nn stores it; a dense map W acts on column vectors, y = W x (so an e3nn layer's dense
 matrix is ``layer(I).T``). For O(3) the intertwiners between two irreps lists are, block by block,
@@ -18,6 +22,7 @@ from e3nn import o3
 from torch import Tensor, nn
 
 from relax_plugins import Symmetry
+from relax_plugins.irreps import Fibre, FibreGenerators, SchurProjection, so3_basis
 
 __all__ = [
     "IrrepsAction",
@@ -49,11 +54,7 @@ def _float64_default() -> Iterator[None]:
 
 
 # the right-handed so(3) basis, rotations about x, y, z: exp(t·K[k]) rotates by t about axis k
-_SO3_BASIS = (
-    ((0.0, 0.0, 0.0), (0.0, 0.0, -1.0), (0.0, 1.0, 0.0)),
-    ((0.0, 0.0, 1.0), (0.0, 0.0, 0.0), (-1.0, 0.0, 0.0)),
-    ((0.0, -1.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
-)
+_SO3_BASIS = so3_basis().tolist()
 
 
 @functools.cache
@@ -79,7 +80,7 @@ def _so3_generators64(l: int) -> Tensor:
         # Ga, Gb and [Ga, Gb] span so(3); dρ is a Lie algebra map, so K = c1·Ga + c2·Gb + c3·[Ga, Gb]
         # goes to c1·A + c2·B + c3·[A, B]. The coefficients are 0 or ±1: solved, then rounded.
         span = torch.stack([Ga, Gb, Ga @ Gb - Gb @ Ga]).reshape(3, 9)
-        K = torch.tensor(_SO3_BASIS, dtype=torch.float64).reshape(3, 9)
+        K = so3_basis().reshape(3, 9)
         coeff = torch.linalg.lstsq(span.T, K.T).solution.T.round()
         if not torch.equal(coeff @ span, K):
             raise RuntimeError(f"e3nn {e3nn.__version__}: its elementary Euler rotations do not span so(3)")
@@ -117,12 +118,21 @@ def D_from_matrix64(irreps: o3.Irreps | str, R: Tensor) -> Tensor:
         return _irreps(irreps).D_from_matrix(R.to(torch.float64))
 
 
-class IrrepsAction(nn.Module):
-    """The so(3) generators and the inversion of an irreps list, applied without dense matrices.
+def irreps_fibre(irreps: o3.Irreps | str) -> Fibre:
+    """The core :class:`~relax_plugins.irreps.Fibre` of an irreps list (e3nn's multiplicity-major
+    layout, one block per entry, zero multiplicities kept so that block indices are e3nn's), with
+    e3nn's own generators :func:`so3_generators64`.
 
-    The generators of ``Irreps`` are block diagonal (:func:`so3_generators64` once per copy), so
-    applying them per l costs O(n·d·(2l+1)) instead of O(n·d²) for a dense (3, d, d) product: this
-    keeps the Lie penalty cheap on wide layers.
+    Example:
+        >>> irreps_fibre("2x1o + 1x0e").dim
+        7
+    """
+    return Fibre([(mul, ir.l, ir.p) for mul, ir in _irreps(irreps)], "mul_ir", generators=so3_generators64)
+
+
+class IrrepsAction(nn.Module):
+    """The so(3) generators and the inversion of an irreps list, applied without dense matrices
+    (:meth:`relax_plugins.irreps.Fibre.lie`: O(n·d·(2l+1)) per l instead of O(n·d²)).
 
     Args:
         irreps: the irreps of the fibre.
@@ -135,36 +145,18 @@ class IrrepsAction(nn.Module):
 
     def __init__(self, irreps: o3.Irreps | str) -> None:
         super().__init__()
-        irreps = _irreps(irreps)
-        self.dim = irreps.dim
-        self.ls: list[int] = []
-        dtype = torch.get_default_dtype()
-        by_l: dict[int, list[int]] = {}
-        for (mul, ir), sl in zip(irreps, irreps.slices()):
-            if mul == 0 or ir.l == 0:  # so(3) acts as 0 on scalars: nothing to compute
-                continue
-            by_l.setdefault(ir.l, []).extend(range(sl.start, sl.stop))
-        for l, idx in sorted(by_l.items()):
-            self.ls.append(l)
-            self.register_buffer(f"idx_{l}", torch.tensor(idx, dtype=torch.long), persistent=False)
-            self.register_buffer(f"gen_{l}", so3_generators64(l).to(dtype), persistent=False)
-        parity = [float(ir.p) for mul, ir in irreps for _ in range(mul * ir.dim)]
-        self.register_buffer("parity", torch.tensor(parity, dtype=dtype).reshape(self.dim), persistent=False)
+        self.fibre = irreps_fibre(irreps)
+        self.dim = self.fibre.dim
+        self.ls: list[int] = sorted({b.l for b in self.fibre.blocks if b.mul and b.l})
+        self.register_buffer("parity", self.fibre.parity(), persistent=False)
 
     def lie(self, x: Tensor) -> Tensor:
         """dρ(A_k) x for the three so(3) generators: (n, d) → (3, n, d), generator-major."""
-        n = x.shape[0]
-        out = x.new_zeros(3, n, self.dim)
-        for l in self.ls:
-            idx, gen = getattr(self, f"idx_{l}"), getattr(self, f"gen_{l}").to(x.dtype)
-            xs = x.index_select(1, idx).reshape(n, -1, 2 * l + 1)
-            out = out.index_copy(2, idx, torch.einsum("kij,nuj->knui", gen, xs).reshape(3, n, -1))
-        return out
+        return self.fibre.lie(x)
 
     def dense_lie(self) -> Tensor:
         """The generators as dense (3, d, d) matrices (for :class:`relax_plugins.Symmetry`)."""
-        eye = torch.eye(self.dim, dtype=self.parity.dtype, device=self.parity.device)
-        return self.lie(eye).transpose(1, 2).contiguous()
+        return self.fibre.lie_matrices().to(dtype=self.parity.dtype, device=self.parity.device)
 
 
 def irreps_symmetry(irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str, name: str = "O(3)") -> Symmetry:
@@ -179,22 +171,12 @@ def irreps_symmetry(irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str, nam
         >>> (sym.num_lie, sym.num_group, sym.dim_in, sym.dim_out)
         (3, 1, 4, 3)
     """
-    irreps_in, irreps_out = _irreps(irreps_in), _irreps(irreps_out)
-    dtype = torch.get_default_dtype()
-
-    def parts(irreps: o3.Irreps) -> tuple[Tensor, Tensor]:
-        # float64 from so3_generators64 (not the default-dtype buffers of IrrepsAction): the Symmetry
-        # keeps generators exact, which float64 checks of subgroup projections rely on
-        blocks = [so3_generators64(ir.l) for mul, ir in irreps for _ in range(mul)]
-        lie = torch.stack([torch.block_diag(*[b[k] for b in blocks]) for k in range(3)])
-        # D_from_matrix(-I) of the whole irreps list: computed by e3nn (not restated) so that the
-        # parity convention is e3nn's own; rounded: e3nn 0.4 gives the ±1 diagonal only up to 1e-16
-        inv = D_from_matrix64(irreps, -torch.eye(3)).round().to(dtype)
-        return lie, inv[None]
-
-    li, gi = parts(irreps_in)
-    lo, go = parts(irreps_out)
-    return Symmetry(irreps_in.dim, irreps_out.dim, lie_in=li, lie_out=lo, group_in=gi, group_out=go, name=name)
+    fi, fo = irreps_fibre(irreps_in), irreps_fibre(irreps_out)
+    # structured, dense only on first use: the generators of so3_generators64 per irrep copy (float64,
+    # which float64 checks of subgroup projections rely on) and the inversion, each irrep's parity
+    # (D_from_matrix(-I) of e3nn, as a test checks)
+    return Symmetry(fi.dim, fo.dim, lie_in=FibreGenerators(fi), lie_out=FibreGenerators(fo),
+                    group_in=FibreGenerators(fi, "parity"), group_out=FibreGenerators(fo, "parity"), name=name)
 
 
 def irrep_pairs(irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str) -> list[tuple[int, int]]:
@@ -214,6 +196,20 @@ def irrep_pairs(irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str) -> list
     ]
 
 
+def irreps_projection(
+    irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str, pairs: Iterable[tuple[int, int]] | None = None
+) -> SchurProjection:
+    """The core :class:`~relax_plugins.irreps.SchurProjection` between two irreps lists, restricted to
+    ``pairs`` (default: all pairs of equal irreps, i.e. the whole intertwiner space).
+
+    Example:
+        >>> irreps_projection("1x0e + 1x1o", "2x1o").block_coefficients(torch.ones(6, 4))[(1, 0)]
+        tensor([[1.],
+                [1.]])
+    """
+    return SchurProjection(irreps_fibre(irreps_in), irreps_fibre(irreps_out), pairs=pairs)
+
+
 def path_coefficients(
     W: Tensor, irreps_in: o3.Irreps, irreps_out: o3.Irreps, pairs: Iterable[tuple[int, int]]
 ) -> dict[tuple[int, int], Tensor]:
@@ -222,13 +218,7 @@ def path_coefficients(
     c[v, u] = tr(W_vu) / (2l + 1), the orthogonal projection of the (2l+1)-square block W_vu onto
     multiples of the identity.
     """
-    s_in, s_out = irreps_in.slices(), irreps_out.slices()
-    out = {}
-    for i, j in dict.fromkeys(pairs):  # unique, order kept
-        (mi, ir), (mo, _) = irreps_in[i], irreps_out[j]
-        blk = W[s_out[j], s_in[i]].reshape(mo, ir.dim, mi, ir.dim)
-        out[(i, j)] = torch.einsum("vmum->vu", blk) / ir.dim
-    return out
+    return irreps_projection(irreps_in, irreps_out, list(pairs)).block_coefficients(W)
 
 
 def project_irreps_dense(
@@ -240,8 +230,9 @@ def project_irreps_dense(
     """Orthogonal (Frobenius) projection of a dense (d_out, d_in) map onto the O(3) intertwiners
     restricted to ``pairs`` (default: all pairs of equal irreps, i.e. the whole intertwiner space).
 
-    Closed form, computed in float64 and returned in W's dtype: each block between copies of the
-    same irrep becomes tr(block)/(2l+1)·I, every other block 0.
+    Closed form (:class:`relax_plugins.irreps.SchurProjection`), computed in float64 and returned in
+    W's dtype: each block between copies of the same irrep becomes tr(block)/(2l+1)·I, every other
+    block 0.
 
     Example:
         >>> W = torch.arange(16.).reshape(4, 4)
@@ -253,15 +244,7 @@ def project_irreps_dense(
     irreps_in, irreps_out = _irreps(irreps_in), _irreps(irreps_out)
     if W.shape != (irreps_out.dim, irreps_in.dim):
         raise ValueError(f"W must be ({irreps_out.dim}, {irreps_in.dim}), got {tuple(W.shape)}")
-    pairs = irrep_pairs(irreps_in, irreps_out) if pairs is None else list(pairs)
-    Wd = W.detach().double()
-    P = torch.zeros_like(Wd)
-    s_in, s_out = irreps_in.slices(), irreps_out.slices()
-    for (i, j), c in path_coefficients(Wd, irreps_in, irreps_out, pairs).items():
-        d = irreps_in[i].ir.dim
-        eye = torch.eye(d, dtype=Wd.dtype, device=Wd.device)
-        P[s_out[j], s_in[i]] = torch.einsum("vu,mn->vmun", c, eye).reshape(c.shape[0] * d, c.shape[1] * d)
-    return P.to(W.dtype)
+    return irreps_projection(irreps_in, irreps_out, pairs)(W.detach().double()).to(W.dtype)
 
 
 def random_o3(n: int, parity: bool = True, dtype: torch.dtype = torch.float64, generator=None) -> Tensor:

@@ -23,10 +23,11 @@ from e3nn import o3
 from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation
+from relax_plugins.irreps import SchurProjection
 from relax_plugins.symmetry import OneGeneratorProjector
 from relax_plugins.term import low_rank_apply, may_modify_inputs
 
-from .irreps import IrrepsAction, irrep_pairs, irreps_symmetry, path_coefficients, project_irreps_dense
+from .irreps import irrep_pairs, irreps_fibre, irreps_projection, irreps_symmetry
 
 __all__ = ["E3nnRelaxation", "E3nnLinearRelaxation", "E3nnTensorProductRelaxation"]
 
@@ -76,7 +77,7 @@ class E3nnRelaxation(LinearRelaxation):
             axis = SO2_AXES[subgroup]  # e3nn's generators are rotations about x, y, z
             subgroup = OneGeneratorProjector(sym.lie_in[axis], sym.lie_out[axis])
         super().__init__(sym, rank=rank, init_std=init_std, subgroup=subgroup)
-        self.act_in, self.act_out = IrrepsAction(self.irreps_in), IrrepsAction(self.irreps_out)
+        self._schur: SchurProjection | None = None  # P(W) along paths(), built on first use
         self.arg_name = arg_name
         self._batch_shape: tuple[int, ...] = ()
 
@@ -125,9 +126,16 @@ class E3nnRelaxation(LinearRelaxation):
         """(i_in, i_out) irreps entries that P(W) may connect."""
         return irrep_pairs(self.irreps_in, self.irreps_out)
 
+    def schur(self) -> SchurProjection:
+        """The closed-form projection onto the intertwiners along :meth:`paths` (cached)."""
+        if self._schur is None:
+            self._schur = irreps_projection(self.irreps_in, self.irreps_out, self.paths())
+        return self._schur
+
     def project_dense(self, W: Tensor) -> Tensor:
-        """Closed-form orthogonal projection onto the intertwiners along :meth:`paths`."""
-        return project_irreps_dense(W, self.irreps_in, self.irreps_out, self.paths())
+        """Closed-form orthogonal projection onto the intertwiners along :meth:`paths`, in float64
+        (returned in W's dtype; like :func:`relax_e3nn.project_irreps_dense`)."""
+        return self.schur()(W.detach().double()).to(W.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in} -> {self.irreps_out}" + ("" if self.rank is None else f", rank={self.rank}")
@@ -184,7 +192,7 @@ class E3nnLinearRelaxation(E3nnRelaxation):
         """Add the intertwiner ``delta`` into ``base.weight``; False for external weights."""
         if not getattr(base, "internal_weights", False) or base.weight_numel == 0:
             return False  # per-sample weights come from outside: nothing here can hold θ·P(W)
-        coeffs = path_coefficients(delta.double(), self.irreps_in, self.irreps_out, self.paths())
+        coeffs = self.schur().block_coefficients(delta.double())
         done: set[tuple[int, int]] = set()
         # offsets walked by hand: e3nn 0.6's weight_views() also steps over bias instructions
         # (i_in = -1), whose entries live in ``bias``, and runs past the end of ``weight``
@@ -258,21 +266,7 @@ class SO3Projector(nn.Module):
 
     def __init__(self, irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str) -> None:
         super().__init__()
-        irreps_in, irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
-        s_in, s_out = irreps_in.slices(), irreps_out.slices()
-        self.blocks = [
-            (s_out[j], s_in[i], mo, mi, ir_i.l)
-            for i, (mi, ir_i) in enumerate(irreps_in)
-            for j, (mo, ir_o) in enumerate(irreps_out)
-            if ir_i.l == ir_o.l and mi > 0 and mo > 0
-        ]
+        self.schur = SchurProjection(irreps_fibre(irreps_in), irreps_fibre(irreps_out), parity=False)
 
     def forward(self, W: Tensor) -> Tensor:
-        out = torch.zeros_like(W)
-        for so, si, mo, mi, l in self.blocks:
-            d = 2 * l + 1
-            block = W[so, si].reshape(mo, d, mi, d)
-            c = block.diagonal(dim1=1, dim2=3).sum(-1) / d  # (mo, mi)
-            eye = torch.eye(d, dtype=W.dtype, device=W.device)
-            out[so, si] = (c[:, None, :, None] * eye[None, :, None, :]).reshape(mo * d, mi * d)
-        return out
+        return self.schur(W)

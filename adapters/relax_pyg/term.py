@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation, PenaltyTerms, Symmetry
+from relax_plugins.irreps import Fibre, FibreGenerators, SchurProjection
 from relax_plugins.term import may_modify_inputs
 
-from .irreps import Field, field_generators, field_parity, irrep_generators
 from .spec import ResolvedSpec
 
 __all__ = ["PygRelaxation", "symmetry_for", "center_positions", "center_rows"]
@@ -37,20 +37,20 @@ def symmetry_for(spec: ResolvedSpec) -> Symmetry:
         >>> sym.dim_in, sym.num_lie, sym.num_group
         (5, 3, 1)
     """
-    fin = [f for _, _, f in spec.inputs]
-    fout = [f for f in spec.outputs if f is not None]
-
-    def cat(fields: list[Field], fn: Any) -> Tensor:
-        return torch.block_diag(*[fn(f, torch.float64) for f in fields])
-
-    lie_in = torch.stack([cat(fin, lambda f, d, k=k: field_generators(f, d)[k]) for k in range(3)])
-    lie_out = torch.stack([cat(fout, lambda f, d, k=k: field_generators(f, d)[k]) for k in range(3)])
+    fin, fout = _fibres(spec)
+    # structured: the dense (k, d, d) matrices are built only if something asks for them (this
+    # adapter's penalty and projection never do; at ViSNet's H = 128 they took 81 MB a layer)
+    lie_in, lie_out = FibreGenerators(fin), FibreGenerators(fout)
     if spec.group == "O(3)":
-        return Symmetry(
-            lie_in.shape[-1], lie_out.shape[-1], lie_in, lie_out,
-            group_in=cat(fin, field_parity)[None], group_out=cat(fout, field_parity)[None], name="O(3)",
-        )
-    return Symmetry(lie_in.shape[-1], lie_out.shape[-1], lie_in, lie_out, name="SO(3)")
+        return Symmetry(fin.dim, fout.dim, lie_in, lie_out, group_in=FibreGenerators(fin, "parity"),
+                        group_out=FibreGenerators(fout, "parity"), name="O(3)")
+    return Symmetry(fin.dim, fout.dim, lie_in, lie_out, name="SO(3)")
+
+
+def _fibres(spec: ResolvedSpec) -> tuple[Fibre, Fibre]:
+    """The concatenated input and output fibres of the declared fields."""
+    return (Fibre.cat([f.fibre for _, _, f in spec.inputs]),
+            Fibre.cat([f.fibre for f in spec.outputs if f is not None]))
 
 
 def center_positions(
@@ -117,22 +117,6 @@ def center_rows(pos: Tensor, mask: Tensor | None = None) -> Tensor:
     return pos - centroid
 
 
-def _blocks(fields: list[Field]) -> list[tuple[int, int, int, str, int]]:
-    """(offset, mul, l, layout, parity) of every irrep block of the concatenated fibres."""
-    out, offset = [], 0
-    for f in fields:
-        for mul, ir in f.blocks:
-            out.append((offset, mul, ir.l, f.layout, ir.p))
-            offset += mul * ir.dim
-    return out
-
-
-def _parity_vector(blocks: list[tuple[int, int, int, str, int]]) -> Tensor:
-    """The inversion's diagonal (±1 per fibre entry) for the given blocks."""
-    signs = [float(p) for _, mul, l, _, p in blocks for _ in range(mul * (2 * l + 1))]
-    return torch.tensor(signs, dtype=torch.get_default_dtype())
-
-
 class PygRelaxation(LinearRelaxation):
     """f_θ = f + θ·W·x for a layer described by a :class:`~relax_pyg.spec.ResolvedSpec`.
 
@@ -157,18 +141,14 @@ class PygRelaxation(LinearRelaxation):
         super().__init__(symmetry_for(spec), rank=rank, init_std=init_std)
         self.spec = spec
         self._out_sizes = [f.dim for f in spec.outputs if f is not None]
-        self._index_cache: dict[str, Any] = {}
-        # structured generators for the penalty: per irrep block (offset, mul, l, layout) and one
-        # (3, 2l+1, 2l+1) buffer per degree; the dense (k, d, d) matrices of the Symmetry cost
-        # O(d²) per node and dominated the step time of wide layers (ViSNet: d = 9H)
-        self._blocks_in = _blocks([f for _, _, f in spec.inputs])
-        self._blocks_out = _blocks([f for f in spec.outputs if f is not None])
-        for l in sorted({b[2] for b in self._blocks_in + self._blocks_out} - {0}):
-            self.register_buffer(f"_gen_l{l}", irrep_generators(l, torch.float64), persistent=False)
-        self.register_buffer("_sign_in", _parity_vector(self._blocks_in), persistent=False)
-        self.register_buffer("_sign_out", _parity_vector(self._blocks_out), persistent=False)
-        nonscalar = [i for b in self._blocks_in if b[2] > 0 for i in range(b[0], b[0] + b[1] * (2 * b[2] + 1))]
-        self.register_buffer("_cols_in", torch.tensor(nonscalar, dtype=torch.long), persistent=False)
+        # structured generators for the penalty (relax_plugins.irreps.Fibre, per irrep block); the
+        # dense (k, d, d) matrices cost O(d²) per node and dominated the step time of wide layers
+        self._fibre_in, self._fibre_out = _fibres(spec)
+        self._schur = SchurProjection(self._fibre_in, self._fibre_out, parity=spec.group == "O(3)")
+        self.register_buffer("_sign_in", self._fibre_in.parity(), persistent=False)
+        self.register_buffer("_sign_out", self._fibre_out.parity(), persistent=False)
+        self.register_buffer("_cols_in", torch.tensor(self._fibre_in.nonscalar_index(), dtype=torch.long),
+                             persistent=False)
 
     # -- argument access (positions fixed at relax time: no inspect in the hot path) ---------
     @staticmethod
@@ -247,24 +227,6 @@ class PygRelaxation(LinearRelaxation):
         return outs if isinstance(out, list) else tuple(outs)
 
     # -- penalty -------------------------------------------------------------------------------
-    def _lie(self, v: Tensor, k: int, blocks: list[tuple[int, int, int, str, int]], compact: bool) -> Tensor:
-        """dρ(A_k) applied to the fibres ``v`` (n, d), block by block. Rotations act trivially on
-        scalars: ``compact`` leaves their (zero) entries out, else they are zeros."""
-        pieces = []
-        for start, mul, l, layout, _ in blocks:
-            dim = mul * (2 * l + 1)
-            piece = v[..., start:start + dim]
-            if l == 0:
-                if not compact:
-                    pieces.append(torch.zeros_like(piece))
-                continue
-            X = getattr(self, f"_gen_l{l}")[k].to(v.dtype)
-            if layout == "mul_ir":
-                pieces.append((piece.reshape(-1, mul, 2 * l + 1) @ X.T).reshape(-1, dim))
-            else:
-                pieces.append(torch.einsum("ij,njm->nim", X, piece.reshape(-1, 2 * l + 1, mul)).reshape(-1, dim))
-        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
-
     def _apply_columns(self, v: Tensor, cols: Tensor) -> Tensor:
         """W[:, cols] applied to the last axis of ``v``."""
         if self.rank is None:
@@ -279,11 +241,11 @@ class PygRelaxation(LinearRelaxation):
         x, n = self.penalty_input()
         wx = self.apply_weight(x)  # on the detached input: the penalty trains W only
         if self._cols_in.numel():
-            rot_x = torch.stack([self._lie(x, k, self._blocks_in, compact=True) for k in range(3)])
+            rot_x = self._fibre_in.lie(x, compact=True)
             defect = self._apply_columns(rot_x, self._cols_in)
         else:
             defect = wx.new_zeros(3, x.shape[0], wx.shape[-1])
-        defect = defect - torch.stack([self._lie(wx, k, self._blocks_out, compact=False) for k in range(3)])
+        defect = defect - self._fibre_out.lie(wx)
         lie = defect.square().sum()
         if self.spec.group == "O(3)":
             s_in, s_out = self._sign_in.to(x.dtype), self._sign_out.to(x.dtype)
@@ -291,32 +253,6 @@ class PygRelaxation(LinearRelaxation):
         return PenaltyTerms(lie, wx.square().sum(), n)
 
     # -- projection -----------------------------------------------------------------------------
-    def _groups(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
-        """Per irrep type (l for SO(3), (l, p) for O(3)): (n_out_channels, 2l+1) and
-        (n_in_channels, 2l+1) index tables into the output / input fibres."""
-        key = str(device)
-        if key in self._index_cache:
-            return self._index_cache[key]
-
-        def tables(fields: list[Field]) -> dict[tuple[int, int], Tensor]:
-            rows, offset, chan0 = [], 0, 0
-            for f in fields:
-                tab = f.index_table()
-                rows += [(l, p, chan0 + c, m, offset + i) for i, (l, p, c, m) in enumerate(tab)]
-                offset += f.dim
-                chan0 += max((c for _, _, c, _ in tab), default=-1) + 1
-            out: dict[tuple[int, int], dict[int, list[int]]] = {}
-            for l, p, c, m, idx in rows:
-                k = (l, p if self.spec.group == "O(3)" else 0)
-                out.setdefault(k, {}).setdefault(c, [0] * (2 * l + 1))[m] = idx
-            return {k: torch.tensor(list(v.values()), dtype=torch.long, device=device) for k, v in out.items()}
-
-        tin = tables([f for _, _, f in self.spec.inputs])
-        tout = tables([f for f in self.spec.outputs if f is not None])
-        groups = [(tout[k], tin[k]) for k in tout if k in tin]
-        self._index_cache[key] = groups
-        return groups
-
     def project_dense(self, W: Tensor) -> Tensor:
         """Closed-form orthogonal projection onto the intertwiners: by Schur's lemma (every real
         SO(3) irrep is of real type) Hom is spanned by c_oi · I_{2l+1} between copies of the same
@@ -333,14 +269,7 @@ class PygRelaxation(LinearRelaxation):
             >>> term.project_dense(W).diagonal().tolist()   # tr(W)/3 · I
             [4.0, 4.0, 4.0]
         """
-        P = torch.zeros_like(W)
-        for out_idx, in_idx in self._groups(W.device):
-            d = out_idx.shape[1]
-            block = W[out_idx[:, :, None, None], in_idx[None, None, :, :]]  # (co, d, ci, d)
-            coef = torch.einsum("amcm->ac", block) / d
-            for m in range(d):
-                P[out_idx[:, m][:, None], in_idx[:, m][None, :]] = coef
-        return P
+        return self._schur(W)
 
     def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
         if self.spec.merge is None:

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from relax_plugins import AdapterOption, LinearRelaxation, PenaltyTerms, Symmetry, hookimpl
+from relax_plugins.irreps import Fibre, SchurProjection, so3_basis
 from relax_plugins.symmetry import KronGenerators
 from relax_plugins.term import low_rank_apply, may_modify_inputs
 
@@ -84,20 +85,6 @@ _CALL_HEAD = re.compile(r"self\s*\.\s*([A-Za-z_]\w*)\s*\(")
 _ARG_TRANSPOSED = re.compile(
     r"^(?:[\w.\[\]]+\.transpose\((?:1,-1|-1,1)\)|torch\.transpose\([\w.\[\]]+,(?:1,-1|-1,1)\))$"
 )
-
-
-def so3_basis(dtype: torch.dtype | None = None) -> Tensor:
-    """The so(3) basis L_x, L_y, L_z (rotations about x, y, z), shape (3, 3, 3).
-
-    Example:
-        >>> L = so3_basis(torch.float64)
-        >>> bool(torch.allclose(L[0] @ L[1] - L[1] @ L[0], L[2]))
-        True
-    """
-    L = torch.zeros(3, 3, 3, dtype=dtype or torch.get_default_dtype())
-    for k, (i, j) in enumerate(((1, 2), (2, 0), (0, 1))):
-        L[k, j, i], L[k, i, j] = 1.0, -1.0
-    return L
 
 
 def _mirror(dtype: torch.dtype | None = None) -> Tensor:
@@ -241,7 +228,10 @@ class VNLinearRelaxation(LinearRelaxation):
             raise ValueError(f"vn_penalty_rows must be None or >= 1, got {penalty_rows}")
         self.c_in, self.c_out, self.group = int(c_in), int(c_out), group
         self.penalty_rows = None if penalty_rows is None else int(penalty_rows)
-        self.register_buffer("gens3", so3_basis(), persistent=False)
+        # xyz-major fibres j·C + c: C copies of the vector irrep in the component-major layout
+        self._fibre_in, self._fibre_out = Fibre([(self.c_in, 1, -1)], "ir_mul"), Fibre([(self.c_out, 1, -1)], "ir_mul")
+        self._schur = SchurProjection(self._fibre_in, self._fibre_out)
+        self.register_buffer("gens3", so3_basis(torch.get_default_dtype()), persistent=False)
         self.register_buffer(
             "mirror3", _mirror() if group == "O(3)" else torch.zeros(0, 3, 3), persistent=False
         )
@@ -315,18 +305,15 @@ class VNLinearRelaxation(LinearRelaxation):
     # -- penalties -------------------------------------------------------------------------------
     def _left(self, A: Tensor, W: Tensor) -> Tensor:
         """(A ⊗ I_Cout) W for any (3·C_out, cols) W, using the block structure (no dense generator product)."""
-        Wb = W.reshape(3, self.c_out, -1)
-        return torch.einsum("jl,lod->jod", A.to(W.dtype), Wb).reshape(W.shape)
+        return self._fibre_out.apply(lambda l: A, W.T).T
 
     def _right(self, W: Tensor, A: Tensor) -> Tensor:
         """W (A ⊗ I_Cin) for any (rows, 3·C_in) W."""
-        Wb = W.reshape(W.shape[0], 3, self.c_in)
-        return torch.einsum("elc,li->eic", Wb, A.to(W.dtype)).reshape(W.shape)
+        return self._fibre_in.apply(lambda l: A, W, transpose=True)
 
     def _left_rows(self, A: Tensor, y: Tensor) -> Tensor:
         """(A ⊗ I_Cout) applied to each row of y, (n, 3·C_out)."""
-        yb = y.reshape(y.shape[0], 3, self.c_out)
-        return torch.einsum("jl,nlo->njo", A.to(y.dtype), yb).reshape(y.shape)
+        return self._fibre_out.apply(lambda l: A, y)
 
     def _penalty_rows(self) -> Tensor:
         """The recorded fibres the penalty is computed on: all, or an evenly strided subset of at
@@ -404,7 +391,7 @@ class VNLinearRelaxation(LinearRelaxation):
     # -- projection ------------------------------------------------------------------------------
     def block_trace(self, W: Tensor) -> Tensor:
         """M = (1/3) Σ_j W_jj: the coefficient of the projection I_3 ⊗ M."""
-        return W.reshape(3, self.c_out, 3, self.c_in).diagonal(dim1=0, dim2=2).mean(-1)
+        return self._schur.coefficients(W)[0]
 
     def project_dense(self, W: Tensor) -> Tensor:
         """Orthogonal projection onto {I_3 ⊗ M}: exact closed form (same for SO(3) and O(3)).
@@ -416,7 +403,7 @@ class VNLinearRelaxation(LinearRelaxation):
             >>> bool(torch.allclose(term.project_dense(P), P))
             True
         """
-        return self._blocks_eye(self.block_trace(W))
+        return self._schur(W)
 
     def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
         if not isinstance(base, nn.Linear) or tuple(base.weight.shape) != (self.c_out, self.c_in):
