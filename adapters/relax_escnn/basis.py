@@ -160,9 +160,14 @@ def eval_cache_delta(
     return {name: expand(dw.to(base.weights.device)).reshape(cached.shape)}
 
 
-def refresh_eval_cache(base: torch.nn.Module) -> None:
-    """Rebuild escnn's eval-mode cache from the merged weights (``train()`` replaces it by a new
-    buffer, the way the relax-plugins core expects ``after_merge`` to)."""
-    if not base.training:
-        base.train(True)
-        base.train(False)
+def refresh_eval_cache(base: torch.nn.Module, name: str) -> None:
+    """Rebuild escnn's eval-mode cache ``name`` (and ``expanded_bias``) from the merged weights, as
+    ``eval()`` builds it (``base.expand_parameters()``), each as a new buffer in its old slot: the
+    state_dict keeps its key order, and the relax-plugins core can put the old buffers back."""
+    if base.training or base._buffers.get(name) is None:
+        return
+    with torch.no_grad():
+        cache, bias = base.expand_parameters()
+    base._buffers[name] = cache
+    if bias is not None and base._buffers.get("expanded_bias") is not None:
+        base._buffers["expanded_bias"] = bias

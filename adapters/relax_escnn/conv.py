@@ -330,7 +330,7 @@ class ConvRelaxation(RelaxationTerm):
         return self._torch_layout(self.projector.expand(w))
 
     def after_merge(self, base: _RdConv) -> None:
-        refresh_eval_cache(base)
+        refresh_eval_cache(base, "filter")
 
     def projection_error(self, theta: Tensor) -> dict[str, float]:
         with torch.no_grad():

@@ -72,4 +72,4 @@ class EscnnLinearRelaxation(LinearRelaxation):
         return {"weights": w, **eval_cache_delta(base, "matrix", w, lambda dw: self.projector.expand(dw))}
 
     def after_merge(self, base: nn.Module) -> None:
-        refresh_eval_cache(base)
+        refresh_eval_cache(base, "matrix")
