@@ -258,9 +258,10 @@ class RelaxationTerm(nn.Module):
 
     def after_merge(self, base: nn.Module) -> None:
         """Called by ``project(merge=True)`` after the core added this term's delta to ``base``:
-        rebuild caches derived from the merged parameters (escnn's eval-mode filter). Replace
-        cached tensors (``register_buffer`` a new one), never modify the delta's targets in place;
-        the core restores both on a later failure. Default: nothing."""
+        rebuild caches derived from the merged parameters (escnn's eval-mode filter). Assign new
+        tensors to cached buffers rather than writing into them (the core puts the old ones back on
+        a later failure, as it restores the delta's targets bit for bit), and include the cache's
+        change in ``merge_delta`` too, so that ``projected_state_dict`` agrees. Default: nothing."""
 
     def projection_error(self, theta: Tensor) -> dict[str, float]:
         return {}
