@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_bool, check_choice, check_int, check_mapping, check_module, check_patterns, check_real
-from .copying import module_copy
 from .errors import (
     AdapterError,
     AlreadyRelaxedError,
@@ -512,8 +511,9 @@ def _all_penalty_terms(layers: list[tuple[str, RelaxedModule]]) -> list[tuple[st
 
 
 def projection_report(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Per relaxed layer: θ, ||W||, ||W − P(W)||/||W|| and, from the last forward pass,
-    θ||W x||/||f_θ(x)||, θ||(W − P(W)) x||/||f_θ(x)|| and the mean Lie/discrete defect.
+    """Per relaxed layer: θ, ||W||, ||W − P(W)||/||W||, ``mergeable`` (1.0 when ``project(merge=True)``
+    folds θ·P(W) into the layer, from the term's ``can_merge`` declaration) and, from the last forward
+    pass, θ||W x||/||f_θ(x)||, θ||(W − P(W)) x||/||f_θ(x)|| and the mean Lie/discrete defect.
 
     Reads the model only: its parameters, buffers, train/eval modes and the RNG are left as they were.
 
@@ -523,7 +523,7 @@ def projection_report(model: nn.Module) -> dict[str, dict[str, float]]:
         >>> m = rp.relax(torch.nn.Sequential(SO2Linear(1, 1)))
         >>> _ = m(torch.randn(4, 2))
         >>> sorted(rp.projection_report(m)["0"])[:4]
-        ['lie_defect', 'merges', 'rel_output_error', 'rel_weight_error']
+        ['lie_defect', 'mergeable', 'rel_output_error', 'rel_weight_error']
     """
     layers = _require_relaxed(model, "projection_report")
     out: dict[str, dict[str, float]] = {}
@@ -533,7 +533,8 @@ def projection_report(model: nn.Module) -> dict[str, dict[str, float]]:
             if not isinstance(row, dict) or not all(isinstance(k, str) for k in row):
                 raise AdapterError(f"projection_error() of layer {name or '<root>'!r} (adapter {layer.adapter!r}) "
                                    f"returned {type(row).__name__}, not a dict with string keys")
-            out[name] = row
+            # one source for "mergeable": the term's declaration, which is what project(merge=True) does
+            out[name] = {**row, "mergeable": float(bool(layer.term.can_merge))}
     return out
 
 
@@ -613,34 +614,10 @@ def project(model: nn.Module, merge: bool = False) -> nn.Module:
     merge = check_bool(merge, "merge")
     layers = _require_relaxed(model, "project")
     if merge:
-        for name, layer in layers:
-            _check_mergeable(name, layer)
-        dropped = []
-        # merges write into base weights: keep copies so that a failure (or an interrupt) changes nothing
-        saved = [{k: v.clone() for k, v in layer.base.state_dict().items()} for _, layer in layers]
-        try:
-            for name, layer in layers:
-                try:
-                    ok = layer.term.merge(layer.base, layer.theta)
-                except Exception as exc:
-                    raise AdapterError(
-                        f"merge failed on layer {name or '<root>'!r} (adapter {layer.adapter!r}): {exc}. "
-                        "The model was not changed."
-                    ) from exc
-                if not isinstance(ok, bool):
-                    raise AdapterError(f"merge() of layer {name or '<root>'!r} (adapter {layer.adapter!r}) returned "
-                                       f"{type(ok).__name__}, not True/False. The model was not changed.")
-                bad = [k for k, v in layer.base.state_dict().items()
-                       if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-                if bad:
-                    raise NonFiniteError(f"merge into layer {name or '<root>'!r} (adapter {layer.adapter!r}) made "
-                                         f"{bad} non-finite. The model was not changed.")
-                if not ok:
-                    dropped.append(name or "<root>")
-        except BaseException:
-            for (_, done_layer), state in zip(layers, saved):
-                done_layer.base.load_state_dict(state)
-            raise
+        # every delta is computed (and validated) before anything is written
+        deltas = [(name, layer, merge_deltas(name, layer)) for name, layer in layers]
+        _apply_deltas(deltas)
+        dropped = [name or "<root>" for name, _, d in deltas if d is None]
         if dropped:
             warnings.warn(
                 f"project(merge=True): {len(dropped)} layer(s) cannot hold θ·P(W) and were dropped: {dropped}",
@@ -662,6 +639,92 @@ def project(model: nn.Module, merge: bool = False) -> nn.Module:
     return model
 
 
+def merge_deltas(name: str, layer: RelaxedModule) -> dict[str, Tensor] | None:
+    """The validated delta of one relaxed layer: ``{key of layer.base.state_dict(): tensor to add}``
+    (cast to that entry's dtype and device), or None when its term does not declare ``can_merge``.
+
+    Reads the model only. Raises ``NonFiniteError`` for a non-finite θ, relaxation weight or delta
+    and ``AdapterError`` for a delta that breaks the contract of
+    :meth:`relax_plugins.RelaxationTerm.merge_delta`.
+    """
+    _check_mergeable(name, layer)
+    term = layer.term
+    if not term.can_merge:
+        return None
+    where = f"layer {name or '<root>'!r} (adapter {layer.adapter!r})"
+    try:
+        with torch.no_grad():
+            delta = term.merge_delta(layer.base, layer.theta)
+    except Exception as exc:
+        raise AdapterError(f"merge_delta() failed on {where}: {exc}. The model was not changed.") from exc
+    if delta is None:
+        raise AdapterError(f"merge_delta() of {where} returned None although its term declares can_merge "
+                           "(declare can_merge = False instead). The model was not changed.")
+    if not isinstance(delta, dict):
+        raise AdapterError(f"merge_delta() of {where} returned {type(delta).__name__}, not a dict "
+                           "{name: tensor to add} or None. The model was not changed.")
+    state = layer.base.state_dict(keep_vars=True)
+    out: dict[str, Tensor] = {}
+    for key, d in delta.items():
+        target = state.get(key) if isinstance(key, str) else None
+        if target is None:
+            raise AdapterError(f"merge_delta() of {where} names {key!r}, which is not an entry of the base layer's "
+                               f"state_dict ({sorted(state)}). The model was not changed.")
+        if not isinstance(d, Tensor) or not target.is_floating_point() or tuple(d.shape) != tuple(target.shape):
+            got = f"shape {tuple(d.shape)}" if isinstance(d, Tensor) else type(d).__name__
+            raise AdapterError(f"merge_delta() of {where}: the delta of {key!r} must be a tensor of shape "
+                               f"{tuple(target.shape)} for a floating entry, got {got}. The model was not changed.")
+        d = d.detach().to(device=target.device, dtype=target.dtype)
+        if not bool(torch.isfinite(d).all()) or not bool(torch.isfinite(target.detach() + d).all()):
+            raise NonFiniteError(f"merge into {where} would make {key!r} non-finite. The model was not changed.")
+        out[key] = d
+    return out
+
+
+def _apply_deltas(deltas: list[tuple[str, RelaxedModule, dict[str, Tensor] | None]]) -> None:
+    """Add every layer's delta into its base layer in place; on any failure (an exception from an
+    ``after_merge``, a non-finite result, an interrupt) restore every touched tensor bit for bit.
+
+    Only the delta's targets are saved (cloned), and the tensor references of each base layer's
+    parameter and buffer dicts (so that caches ``after_merge`` replaced are put back)."""
+    saved: list[tuple[Tensor, Tensor]] = []
+    stores: list[tuple[dict, dict]] = []
+    modes: list[tuple[nn.Module, bool]] = []
+    try:
+        with torch.no_grad():
+            for name, layer, delta in deltas:
+                if not delta:
+                    continue
+                for m in layer.base.modules():
+                    stores.extend((st, dict(st)) for st in (m._parameters, m._buffers))
+                    modes.append((m, m.training))
+                state = layer.base.state_dict(keep_vars=True)
+                for key, d in delta.items():
+                    target = state[key].detach()
+                    saved.append((target, target.clone()))
+                    target.add_(d)
+                try:
+                    layer.term.after_merge(layer.base)
+                except Exception as exc:
+                    raise AdapterError(f"after_merge() failed on layer {name or '<root>'!r} (adapter "
+                                       f"{layer.adapter!r}): {exc}. The model was not changed.") from exc
+                bad = [k for k, v in layer.base.state_dict().items()
+                       if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+                if bad:
+                    raise NonFiniteError(f"merge into layer {name or '<root>'!r} (adapter {layer.adapter!r}) made "
+                                         f"{bad} non-finite. The model was not changed.")
+    except BaseException:
+        with torch.no_grad():
+            for store, refs in reversed(stores):
+                store.clear()
+                store.update(refs)
+            for target, copy in reversed(saved):
+                target.copy_(copy)
+        for m, mode in modes:
+            m.training = mode
+        raise
+
+
 def _check_mergeable(name: str, layer: RelaxedModule) -> None:
     """θ and the relaxation weights must be finite before anything is folded into the base layer."""
     where = f"layer {name or '<root>'!r} (adapter {layer.adapter!r})"
@@ -677,10 +740,10 @@ def projected_state_dict(model: nn.Module, merge: bool = False) -> dict[str, Ten
     """The state_dict that ``project(model, merge)`` would have, without changing ``model``.
 
     Keys are those of the original architecture, so the result loads into a model that was never
-    relaxed. No module is deep-copied (escnn's SO(3) layers cannot be): with ``merge``, θ·P(W) is
-    merged into a state copy of each relaxed base layer (:func:`relax_plugins.copying.module_copy`:
-    new parameter and buffer tensors, shared configuration); without it nothing is copied and the
-    returned tensors are the model's own (as with ``state_dict()``).
+    relaxed. Nothing is copied but what changes: with ``merge``, each entry a term's
+    :meth:`~relax_plugins.RelaxationTerm.merge_delta` names is a new tensor, the model's value plus
+    the delta (no module is copied or modified); every other returned tensor is the model's own (as
+    with ``state_dict()``).
 
     Example:
         >>> import torch, relax_plugins as rp
@@ -694,14 +757,12 @@ def projected_state_dict(model: nn.Module, merge: bool = False) -> dict[str, Ten
     state = model.state_dict()
     bases: dict[int, dict[str, Tensor]] = {}
     for name, layer in layers:
-        base = layer.base
-        if merge:
-            _check_mergeable(name, layer)
-            base = module_copy(base)
+        base_state = layer.base.state_dict()
+        delta = merge_deltas(name, layer) if merge else None
+        if delta:
             with torch.no_grad():
-                if not layer.term.merge(base, layer.theta):
-                    base = layer.base
-        bases[id(layer)] = base.state_dict()
+                base_state.update({k: base_state[k] + d for k, d in delta.items()})
+        bases[id(layer)] = base_state
     # every use of a wrapper (a tied layer is installed at several places)
     replaced: dict[str, dict[str, Tensor]] = {}
     for name, layer in model.named_modules(remove_duplicate=False):

@@ -59,7 +59,11 @@ def relax_make_term(
     The core validates what comes back before it touches the model: a :class:`RelaxationTerm`, with
     finite parameters, none of the layer's own tensors and not already used for another layer
     (``AdapterError``/``NonFiniteError`` otherwise); likewise ``penalty_terms()`` must return
-    ``PenaltyTerms(lie, norm, samples)`` and ``merge()`` a bool. Every option the user passes to this
+    ``PenaltyTerms(lie, norm, samples)``, and a term that declares ``can_merge = True`` must return
+    from ``merge_delta(base, theta)`` a dict ``{key of base.state_dict(): tensor to add}`` of the
+    right shapes (the core adds it; the term never writes into ``base``). What a term can do
+    (``can_merge``, ``batched_penalty``, ``supports_subgroup``) is declared on its class, never
+    inferred from which methods it overrides. Every option the user passes to this
     adapter must be read by it on this model (through ``options[...]``, ``options.get`` or ``in``),
     or relax() refuses it (a misspelt key, or one meant for layers the model does not hold).
 

@@ -11,6 +11,7 @@ Convolutional adapters implement :class:`RelaxationTerm` directly.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from .symmetry import GenericProjector, Symmetry, group_defect, lie_defect
 __all__ = [
     "RelaxationTerm",
     "LinearRelaxation",
+    "CAPABILITIES",
     "PenaltyTerms",
     "moment_penalties",
     "may_modify_inputs",
@@ -164,6 +166,10 @@ class PenaltyTerms(tuple):
         return self[2]
 
 
+#: the capabilities a term declares as boolean class attributes (see :class:`RelaxationTerm`)
+CAPABILITIES = ("can_merge", "batched_penalty", "supports_subgroup")
+
+
 class RelaxationTerm(nn.Module):
     """Interface of the non-equivariant part of one relaxed layer.
 
@@ -172,16 +178,58 @@ class RelaxationTerm(nn.Module):
     * ``forward(base, theta, *args, **kwargs)``: the relaxed layer's output
       f(x) + θ·W(x); must record whatever the penalties need (detached inputs) on ``self``.
     * ``penalty_terms()``: :class:`PenaltyTerms` for the last forward pass.
-    * ``project_()``/``merge(base, theta)``: fold θ·P(W) into the base layer where it can hold
-      it, returning True, or return False if the base layer cannot represent it.
+    * ``merge_delta(base, theta)`` (with ``can_merge = True``): the change θ·P(W) makes to the base
+      layer's own parameters/buffers, as ``{name in base.state_dict(): tensor to add}``; the core
+      adds it (``project(merge=True)``) or adds it to a copy of the state
+      (``projected_state_dict(merge=True)``), never the term.
     * ``projection_error(theta)``: a dict describing how much the projection changes the layer.
+
+    Capabilities are declared as class attributes (an instance may override one in ``__init__``
+    when it depends on the wrapped layer, e.g. an ``o3.Linear`` with external weights cannot merge),
+    and read by the core, :func:`relax_plugins.projection_report` (its ``mergeable`` column) and
+    :func:`relax_plugins.testing.check_adapter`:
+
+    * :attr:`can_merge`: ``merge_delta`` returns a delta (a dict) for this layer; when False the
+      core never calls it and ``project(merge=True)`` drops W with a warning.
+    * :attr:`batched_penalty`: the penalty may be computed by the core's batched moment path
+      together with other layers of equal shapes (:class:`LinearRelaxation` terms that keep the
+      default ``penalty_terms``). A subclass that overrides ``penalty_terms`` without declaring
+      ``batched_penalty`` in its own class body gets False.
+    * :attr:`supports_subgroup`: the term can relax only to a subgroup H of the layer's group.
 
     What ``forward`` records for the penalties lives in the attributes named by ``_recorded_attrs``
     (extend it in subclasses): scratch, not state, so ``torch.save(model)`` and ``copy.deepcopy`` never
     carry a batch of activations along.
     """
 
+    #: ``merge_delta`` can fold θ·P(W) into the base layer (False: project(merge=True) drops W)
+    can_merge: bool = False
+    #: the penalty can be batched with other layers' by :func:`moment_penalties`
+    batched_penalty: bool = False
+    #: the term can be relaxed to a subgroup of the layer's group only
+    supports_subgroup: bool = False
+
     _recorded_attrs: tuple[str, ...] = ("_x", "_y", "_y_norm")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # a custom penalty cannot go through the batched default path unless the class says so
+        if "penalty_terms" in cls.__dict__ and "batched_penalty" not in cls.__dict__:
+            cls.batched_penalty = False
+        stale = [m for m in ("merge", "merge_dense") if m in cls.__dict__]
+        if stale:
+            warnings.warn(
+                f"{cls.__qualname__} defines {stale}: merging is now by delta and these are never called; "
+                "implement merge_delta(base, theta) (or LinearRelaxation.dense_delta(base, delta)) returning "
+                "{parameter name: tensor to add}, and declare can_merge = True",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """The declared capabilities (:data:`CAPABILITIES`) that hold for this term."""
+        return frozenset(c for c in CAPABILITIES if getattr(self, c))
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -200,9 +248,20 @@ class RelaxationTerm(nn.Module):
     def penalty_terms(self) -> PenaltyTerms:  # pragma: no cover
         raise NotImplementedError
 
-    def merge(self, base: nn.Module, theta: Tensor) -> bool:
-        """Add θ·P(W) into ``base``'s own parameters; return False if it cannot hold it."""
-        return False
+    def merge_delta(self, base: nn.Module, theta: Tensor) -> dict[str, Tensor] | None:
+        """What merging θ·P(W) adds to ``base``: ``{name: delta}`` with ``name`` a key of
+        ``base.state_dict()`` and ``delta`` a tensor of that entry's shape (any float dtype: the core
+        casts it to the entry's dtype and device, then adds). Only read ``base`` here, never change
+        it. An empty dict merges nothing (θ·P(W) = 0); None means the layer cannot hold it, which
+        only a term with ``can_merge = False`` may answer (the default)."""
+        return None
+
+    def after_merge(self, base: nn.Module) -> None:
+        """Called by ``project(merge=True)`` after the core added this term's delta to ``base``:
+        rebuild caches derived from the merged parameters (escnn's eval-mode filter). Assign new
+        tensors to cached buffers rather than writing into them (the core puts the old ones back on
+        a later failure, as it restores the delta's targets bit for bit), and include the cache's
+        change in ``merge_delta`` too, so that ``projected_state_dict`` agrees. Default: nothing."""
 
     def projection_error(self, theta: Tensor) -> dict[str, float]:
         return {}
@@ -228,6 +287,9 @@ class LinearRelaxation(RelaxationTerm):
         >>> term.dense().abs().sum().item()
         0.0
     """
+
+    batched_penalty: bool = True
+    supports_subgroup: bool = True
 
     def __init__(
         self,
@@ -359,9 +421,9 @@ class LinearRelaxation(RelaxationTerm):
 
     def batchable_penalty(self) -> tuple | None:
         """A key under which :func:`moment_penalties` may compute this layer's penalty together
-        with other layers' (same shapes), or None. Only for terms that keep the default
-        ``penalty_terms`` and whose recorded samples outnumber the fibre dimensions."""
-        if type(self).penalty_terms is not LinearRelaxation.penalty_terms or self._x is None:
+        with other layers' (same shapes), or None. Only for terms that declare ``batched_penalty``
+        and whose recorded samples outnumber the fibre dimensions."""
+        if not self.batched_penalty or self._x is None:
             return None
         n = self._x.shape[0] if self.penalty_samples is None else min(self._x.shape[0], self.penalty_samples)
         if n <= self.symmetry.dim_in:
@@ -406,20 +468,22 @@ class LinearRelaxation(RelaxationTerm):
         with torch.no_grad():
             return self.project_dense(self.dense().detach())
 
-    def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
-        """Add the dense intertwiner ``delta`` (d_out, d_in) into ``base``; adapters override."""
-        return False
+    def dense_delta(self, base: nn.Module, delta: Tensor) -> dict[str, Tensor] | None:
+        """The change to ``base``'s parameters that adds the dense intertwiner ``delta`` (d_out, d_in,
+        float64) to the layer's map: ``{name: tensor to add}``; adapters whose terms declare
+        ``can_merge = True`` override it (see :meth:`RelaxationTerm.merge_delta`)."""
+        return None
 
-    def can_merge(self) -> bool:
-        """Whether ``merge`` can fold θ·P(W) into the base layer (default: merge_dense is overridden)."""
-        return type(self).merge_dense is not LinearRelaxation.merge_dense
-
-    def merge(self, base: nn.Module, theta: Tensor) -> bool:
+    def merge_delta(self, base: nn.Module, theta: Tensor) -> dict[str, Tensor] | None:
+        """θ·P(W) in float64, turned into parameter deltas by :meth:`dense_delta` (an empty dict
+        when θ·P(W) = 0: nothing to add)."""
+        if not self.can_merge:
+            return None
         with torch.no_grad():
             delta = theta.to(torch.float64) * self.projected().double()
             if not bool(delta.abs().max() > 0):
-                return True
-            return self.merge_dense(base, delta)
+                return {}
+            return self.dense_delta(base, delta)
 
     def projection_error(self, theta: Tensor) -> dict[str, float]:
         with torch.no_grad():
@@ -431,13 +495,12 @@ class LinearRelaxation(RelaxationTerm):
                 "weight_norm": float(W.norm()),
                 "rel_weight_error": float((W - P).norm() / W.norm().clamp_min(1e-30)),
             }
-            out["merges"] = float(self.can_merge())
             if self._x is not None and self._y is not None:
                 x = self._x
                 y_norm = self._y.norm().clamp_min(1e-30)
                 out["relax_ratio"] = float(th * (x @ W.T).norm() / y_norm)
                 # what project(merge=True) changes: θ(W − P(W))x, or all of θWx where nothing merges
-                kept = (W - P) if self.can_merge() else W
+                kept = (W - P) if self.can_merge else W
                 out["rel_output_error"] = float(th * (x @ kept.T).norm() / y_norm)
                 t = self.penalty_terms()
                 out["lie_defect"] = float(t.lie / max(t.samples, 1))

@@ -13,9 +13,10 @@ An adapter is correct when, for every layer it handles, its relaxation term
 4. projects onto maps that commute with the adapter's own generators, dρ_out(A)·M = M·dρ_in(A) and
    ρ_out(g)·M = M·ρ_in(g) (``projected_equivariant``), and computes f(x) + θ·P(W)·x with W := P(W)
    (``projected_output``);
-5. merges exactly: ``project(merge=True)`` equals the relaxed layer with W := P(W) at the same θ for
-   the terms that merge, and drops the others with a warning (``merge``, ``merge_warning``,
-   ``projected_state_dict``);
+5. merges as declared and exactly: ``merge_delta`` answers a delta exactly when the term declares
+   ``can_merge`` and leaves the base layer alone (``merge_declared``); ``project(merge=True)`` equals
+   the relaxed layer with W := P(W) at the same θ for the terms that merge, and drops the others
+   with a warning (``merge``, ``merge_warning``, ``projected_state_dict``);
 6. projects back to the original classes and state_dict keys (``project_classes``,
    ``project_state_dict_keys``), and ``project(merge=False)`` restores the original outputs
    (``project_drop``).
@@ -27,8 +28,8 @@ caller's layer, in a small wrapper container, through the public API (``relax`` 
 methods. What the kit needs from a term:
 
 * :class:`~relax_plugins.LinearRelaxation` subclasses: nothing beyond the class (the dense W is
-  ``term.weight``; ``project_dense``, ``symmetry``, ``take_input``/``to_fibre``, ``penalty_terms``
-  and ``merge`` are used as the core uses them). ``relax`` is called without ``rank``.
+  ``term.weight``; ``project_dense``, ``symmetry``, ``take_input``/``to_fibre``, ``penalty_terms``,
+  ``can_merge`` and ``merge_delta`` are used as the core uses them). ``relax`` is called without ``rank``.
 * Any other :class:`~relax_plugins.RelaxationTerm` (convolutions): the relaxation parameter as a
   tensor attribute ``weight``, ``project_dense(W)`` mapping a tensor of that shape to P(W), and
   optionally ``generator_defect(W)`` (the summed squared defect of W under the adapter's
@@ -74,6 +75,8 @@ PROPERTIES: dict[str, str] = {
     "projection_orthogonal": "|⟨W − P(W), P(V)⟩| / (||W − P(W)||·||P(V)||)",
     "projected_equivariant": "max over generators of ||ρ_out·M − M·ρ_in|| / (||M||·||ρ||), M = P(W)",
     "projected_output": "relative error of f_θ(x) − f(x) against θ·P(W)·x with W := P(W) (layout-free)",
+    "merge_declared": "1 if merge_delta() answered against the term's can_merge declaration (a dict exactly "
+    "when it declares can_merge, else None) or changed the base layer",
     "merge": "relative output error of project(merge=True) against the relaxed layer with W := P(W) "
     "(W := 0 where the term cannot merge)",
     "merge_warning": "1 if project(merge=True) did not warn exactly when some term cannot merge",
@@ -87,7 +90,7 @@ PROPERTIES: dict[str, str] = {
 LOWER_BOUNDS = frozenset({"penalty_off_image"})
 
 #: properties measured as 0 (holds) or 1 (fails)
-BOOLEANS = frozenset({"merge_warning", "project_classes", "project_state_dict_keys"})
+BOOLEANS = frozenset({"merge_declared", "merge_warning", "project_classes", "project_state_dict_keys"})
 
 
 def default_tolerance(dtype: torch.dtype) -> float:
@@ -117,7 +120,7 @@ class ConformanceReport:
         tolerances: property → bound (an upper bound, except for :data:`LOWER_BOUNDS`).
         per_layer: relaxed layer name → property → measured value, for the per-term properties.
         skipped: property → why it was not measured.
-        merged: relaxed layer name → whether its term merged into the base layer.
+        merged: relaxed layer name → whether its term merges into the base layer (its ``can_merge``).
         failures: one line per failed property (empty when the adapter conforms).
     """
 
@@ -547,13 +550,18 @@ class _Check:
         Ws = {n: self.random_like(w) for n, w in self.weights.items()}
         for n, w in self.weights.items():
             _set(w, Ws[n])
-        merges = {}
+        merges = {n: bool(wrapper.term.can_merge) for n, wrapper in self.layers}
         for n, wrapper in self.layers:
+            before = {k: v.detach().clone() for k, v in wrapper.base.state_dict().items()}
             try:
-                merges[n] = bool(wrapper.term.merge(module_copy(wrapper.base), wrapper.theta))
+                delta = wrapper.term.merge_delta(wrapper.base, wrapper.theta)
             except Exception as exc:  # an adapter bug: reported, not raised
-                self.report.failures.append(f"merge [layer {n!r}]: term.merge raised {type(exc).__name__}: {exc}")
+                self.report.failures.append(f"merge [layer {n!r}]: merge_delta raised {type(exc).__name__}: {exc}")
                 return
+            after = wrapper.base.state_dict()
+            touched = list(after) != list(before) or any(not torch.equal(after[k], v) for k, v in before.items())
+            agrees = isinstance(delta, dict) if merges[n] else delta is None
+            self.measure("merge_declared", float(touched or not agrees), n)
         self.report.merged = merges
         for n, wrapper in self.layers:
             w = self.weights[n]

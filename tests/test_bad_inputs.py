@@ -317,13 +317,19 @@ def test_project_merge_refuses_nan_relaxation():
     check(model, lambda m: rp.projected_state_dict(m, merge=True), rp.NonFiniteError, "'0'")
 
 
-def test_project_merge_result_must_be_bool(monkeypatch):
+@pytest.mark.parametrize("answer, match", [
+    (None, "declares can_merge"), (True, "not a dict"), ({"nope": torch.zeros(1)}, "'nope'.*not an entry"),
+    ({"a": torch.zeros(7)}, "shape"), ({"a": torch.full((2, 2), math.nan)}, "non-finite"),
+])
+def test_project_merge_delta_is_validated(monkeypatch, answer, match):
     model = relaxed()
     rp.set_theta(model, 0.5)
     with torch.no_grad():
         model[2].term.weight.normal_()
-    monkeypatch.setattr(SO2Relaxation, "merge", lambda self, base, theta: None)
-    check(model, lambda m: rp.project(m, merge=True), rp.AdapterError, "True/False")
+    monkeypatch.setattr(SO2Relaxation, "merge_delta", lambda self, base, theta: answer)
+    exc = rp.NonFiniteError if match == "non-finite" else rp.AdapterError
+    check(model, lambda m: rp.project(m, merge=True), exc, match)
+    check(model, lambda m: rp.projected_state_dict(m, merge=True), exc, match)
 
 
 def test_keyboard_interrupt_during_merge_rolls_back(monkeypatch):
@@ -332,16 +338,17 @@ def test_keyboard_interrupt_during_merge_rolls_back(monkeypatch):
     with torch.no_grad():
         for _, layer in rp.relaxed_modules(model):
             layer.term.weight.normal_()
-    original, calls = SO2Relaxation.merge_dense, []
+    calls = []
 
-    def interrupted(self, base, delta):
+    def interrupted(self, base):
+        # after the core added this layer's delta (and the first layer's): everything is rolled back
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(self, base, delta)
 
-    monkeypatch.setattr(SO2Relaxation, "merge_dense", interrupted)
+    monkeypatch.setattr(SO2Relaxation, "after_merge", interrupted)
     check(model, lambda m: rp.project(m, merge=True), KeyboardInterrupt)
+    assert len(calls) == 2
 
 
 # -- schedules ---------------------------------------------------------------------------------

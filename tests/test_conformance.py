@@ -100,9 +100,7 @@ class VecLayer(torch.nn.Module):
 
 
 def _merge_scale(layer, delta, term):
-    with torch.no_grad():
-        layer.scale += float(delta.trace()) / 3
-    return True
+    return {"scale": delta.trace() / 3}
 
 
 class Scaled(torch.nn.Module):
@@ -205,8 +203,8 @@ class Offset(SO2Relaxation):
 
 
 class HalfMerge(SO2Relaxation):
-    def merge_dense(self, base, delta):
-        return super().merge_dense(base, delta / 2)  # folds only half of θ·P(W)
+    def dense_delta(self, base, delta):
+        return super().dense_delta(base, delta / 2)  # folds only half of θ·P(W)
 
 
 class Broken:

@@ -384,7 +384,7 @@ def test_tensor_product_subclasses_are_relaxed(make):
         args.append(torch.randn(3, tp.irreps_in2.dim, dtype=torch.float64))
     out = m(*args) if len(args) == 1 else m[0](*args)
     assert torch.allclose(out, tp(*args) + args[0] @ term.weight.T, atol=1e-12)
-    assert not term.merge(tp, torch.tensor(1.0, dtype=torch.float64))  # bilinear: dropped
+    assert not term.can_merge and term.merge_delta(tp, torch.tensor(1.0, dtype=torch.float64)) is None  # bilinear
     rep = rp.projection_report(m)["0"]
     assert rep["mergeable"] == 0.0 and rep["rel_output_error"] == pytest.approx(rep["relax_ratio"])
 

@@ -297,9 +297,7 @@ def test_class_attribute_declaration_and_merge_hook():
 
     def merge(layer, delta, term):
         calls.append(delta.shape)
-        with torch.no_grad():
-            layer.scale += float(delta.trace()) / 3
-        return True
+        return {"scale": delta.trace() / 3}  # what to add; the core adds it
 
     class Scaled(torch.nn.Module):
         __relax_pyg__ = LayerSpec({"v": "1o"}, "1o", merge=merge)

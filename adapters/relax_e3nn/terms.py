@@ -166,12 +166,16 @@ class E3nnLinearRelaxation(E3nnRelaxation):
         [(0, 0), (1, 1)]
     """
 
+    can_merge = True  # per instance: False for a Linear whose weights come from outside
+
     def __init__(self, linear: nn.Module, rank: int | None = None, init_std: float = 0.0,
                  subgroup: str | nn.Module | None = None) -> None:
         if getattr(linear, "internal_weights", False) and linear.weight.dim() > 1:
             raise ValueError("o3.Linear with f_in/f_out (batched feature channels) is not supported")
         super().__init__(linear.irreps_in, linear.irreps_out, _first_arg_name(linear), rank=rank, init_std=init_std,
                          subgroup=subgroup)
+        # per-sample weights come from outside: nothing in the layer can hold θ·P(W)
+        self.can_merge = bool(getattr(linear, "internal_weights", False)) and linear.weight_numel > 0
         self._paths = [
             (ins.i_in, ins.i_out)
             for ins in linear.instructions
@@ -188,28 +192,26 @@ class E3nnLinearRelaxation(E3nnRelaxation):
                              f"{self._batch_shape}: f_in/f_out Linears are not supported")
         return super().from_fibre(delta, out)
 
-    def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
-        """Add the intertwiner ``delta`` into ``base.weight``; False for external weights."""
-        if not getattr(base, "internal_weights", False) or base.weight_numel == 0:
-            return False  # per-sample weights come from outside: nothing here can hold θ·P(W)
+    def dense_delta(self, base: nn.Module, delta: Tensor) -> dict[str, Tensor]:
+        """The change to ``base.weight`` that adds the intertwiner ``delta`` (float64)."""
         coeffs = self.schur().block_coefficients(delta.double())
+        out = torch.zeros(base.weight.shape, dtype=torch.float64, device=delta.device)
         done: set[tuple[int, int]] = set()
         # offsets walked by hand: e3nn 0.6's weight_views() also steps over bias instructions
         # (i_in = -1), whose entries live in ``bias``, and runs past the end of ``weight``
         offset = 0
-        with torch.no_grad():
-            for ins in base.instructions:
-                if ins.i_in < 0:
-                    continue
-                size = ins.path_shape[0] * ins.path_shape[1]
-                view = base.weight.narrow(-1, offset, size).view(ins.path_shape)
-                offset += size
-                key = (ins.i_in, ins.i_out)
-                if key in done or key not in coeffs:
-                    continue  # a repeated instruction: the first one already carries the block
-                done.add(key)
-                view += (coeffs[key].T / ins.path_weight).to(view.dtype)
-        return True
+        for ins in base.instructions:
+            if ins.i_in < 0:
+                continue
+            size = ins.path_shape[0] * ins.path_shape[1]
+            view = out.narrow(-1, offset, size).view(ins.path_shape)
+            offset += size
+            key = (ins.i_in, ins.i_out)
+            if key in done or key not in coeffs:
+                continue  # a repeated instruction: the first one already carries the block
+            done.add(key)
+            view += (coeffs[key].T / ins.path_weight).to(base.weight.dtype)
+        return {"weight": out}
 
 
 class E3nnTensorProductRelaxation(E3nnRelaxation):
@@ -238,17 +240,7 @@ class E3nnTensorProductRelaxation(E3nnRelaxation):
         super().__init__(tp.irreps_in1, tp.irreps_out, _first_arg_name(tp), rank=rank, init_std=init_std,
                          subgroup=subgroup)
 
-    def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
-        return False
-
-    def projection_error(self, theta: Tensor) -> dict[str, Any]:
-        out = super().projection_error(theta)
-        # nothing is merged: projecting removes θ·W·x1 entirely, not just θ·(W − P(W))·x1
-        if "relax_ratio" in out:
-            out["rel_output_error_unmerged"] = out["rel_output_error"]
-            out["rel_output_error"] = out["relax_ratio"]
-        out["mergeable"] = 0.0
-        return out
+    can_merge = False  # bilinear: W·x1 is not a tensor product of x1 and x2 (see the module docstring)
 
 
 class SO3Projector(nn.Module):

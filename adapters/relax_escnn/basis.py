@@ -17,11 +17,13 @@ This module imports escnn.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from escnn.nn.modules.basismanager import BlocksBasisExpansion
 from torch import Tensor
 
-__all__ = ["BasisProjector"]
+__all__ = ["BasisProjector", "eval_cache_delta", "refresh_eval_cache"]
 
 # above this many entries, the generic dense fallback (Jacobian of the expansion) is refused
 _MAX_DENSE = 50_000_000
@@ -142,3 +144,30 @@ class BasisProjector:
     def project(self, K: Tensor) -> Tensor:
         """P(K): the closest kernel (Frobenius norm) in the span of the basis, same shape as K."""
         return self.expand(self.coefficients(K)).reshape(K.shape)
+
+
+def eval_cache_delta(
+    base: torch.nn.Module, name: str, w: Tensor, expand: Callable[[Tensor], Tensor]
+) -> dict[str, Tensor]:
+    """The change of escnn's eval-mode cache ``name`` (``filter`` of a convolution, ``matrix`` of a
+    Linear) when ``w`` is added to ``base.weights``: ``expand(w)`` in the cache's shape, as escnn
+    would expand it (``w`` cast to the weights' dtype first). Empty in train mode, where escnn
+    expands the weights at every call and the cache (if any) is stale by design."""
+    cached = base._buffers.get(name)
+    if base.training or cached is None:
+        return {}
+    dw = w.to(base.weights.dtype)
+    return {name: expand(dw.to(base.weights.device)).reshape(cached.shape)}
+
+
+def refresh_eval_cache(base: torch.nn.Module, name: str) -> None:
+    """Rebuild escnn's eval-mode cache ``name`` (and ``expanded_bias``) from the merged weights, as
+    ``eval()`` builds it (``base.expand_parameters()``), each as a new buffer in its old slot: the
+    state_dict keeps its key order, and the relax-plugins core can put the old buffers back."""
+    if base.training or base._buffers.get(name) is None:
+        return
+    with torch.no_grad():
+        cache, bias = base.expand_parameters()
+    base._buffers[name] = cache
+    if bias is not None and base._buffers.get("expanded_bias") is not None:
+        base._buffers["expanded_bias"] = bias

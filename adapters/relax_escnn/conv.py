@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from relax_plugins import PenaltyTerms, RelaxationTerm
 
-from .basis import BasisProjector
+from .basis import BasisProjector, eval_cache_delta, refresh_eval_cache
 
 __all__ = ["ConvRelaxation", "grid_actions", "PENALTIES", "ACTIVATION_NORMS"]
 
@@ -141,6 +141,8 @@ class ConvRelaxation(RelaxationTerm):
     """
 
     _recorded_attrs = ("_x", "_y_norm", "_samples")
+    can_merge = True  # K's least-squares coefficients add to the conv's ``weights``
+    supports_subgroup = True  # R2Conv/R3Conv (transposed convolutions refuse a subgroup)
 
     def __init__(
         self,
@@ -314,16 +316,21 @@ class ConvRelaxation(RelaxationTerm):
         with torch.no_grad():
             return self.projector.coefficients(self._basis_layout(self.kernel().detach().double()))
 
-    def merge(self, base: _RdConv, theta: Tensor) -> bool:
+    def merge_delta(self, base: _RdConv, theta: Tensor) -> dict[str, Tensor]:
+        """θ·(escnn ``weights`` of K) (least squares, float64), and in eval mode the change of the
+        cached ``filter`` (linear in the weights), so that a projected state_dict stays consistent."""
         with torch.no_grad():
             w = float(theta) * self.coefficients()
-            if bool(w.abs().max() > 0):
-                base.weights.add_(w.to(base.weights.dtype))
-            if not base.training:
-                # eval() caches the filter: rebuild it from the merged weights
-                base.train(True)
-                base.train(False)
-        return True
+            if not bool(w.abs().max() > 0):
+                return {}
+            return {"weights": w, **eval_cache_delta(base, "filter", w, self._expand_torch)}
+
+    def _expand_torch(self, w: Tensor) -> Tensor:
+        """escnn's expansion of coefficients ``w`` as a filter in torch layout."""
+        return self._torch_layout(self.projector.expand(w))
+
+    def after_merge(self, base: _RdConv) -> None:
+        refresh_eval_cache(base, "filter")
 
     def projection_error(self, theta: Tensor) -> dict[str, float]:
         with torch.no_grad():

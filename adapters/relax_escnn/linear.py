@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from escnn.nn import GeometricTensor
 from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation
 
-from .basis import BasisProjector
+from .basis import BasisProjector, eval_cache_delta, refresh_eval_cache
 from .groups import fibre_symmetry
 
 __all__ = ["EscnnLinearRelaxation"]
@@ -43,6 +42,8 @@ class EscnnLinearRelaxation(LinearRelaxation):
         (1, 4, 3)
     """
 
+    can_merge = True  # least squares onto escnn's basis: coefficients add to ``weights``
+
     def __init__(self, linear: nn.Module, rank: int | None = None, init_std: float = 0.0) -> None:
         super().__init__(fibre_symmetry(linear.in_type, linear.out_type), rank=rank, init_std=init_std)
         self.projector = BasisProjector(linear.basisexpansion, linear.out_type.size, linear.in_type.size)
@@ -64,12 +65,11 @@ class EscnnLinearRelaxation(LinearRelaxation):
         P = self.projector.expand(w.to(ref.dtype if ref is not None else W.dtype))
         return P.reshape(W.shape).to(W.dtype)
 
-    def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
-        with torch.no_grad():
-            w = self.projector.coefficients(delta.double().unsqueeze(-1))
-            base.weights.add_(w.to(base.weights.dtype))
-            if not base.training:
-                # eval() caches `matrix`: rebuild it from the merged weights
-                base.train(True)
-                base.train(False)
-        return True
+    def dense_delta(self, base: nn.Module, delta: Tensor) -> dict[str, Tensor]:
+        """escnn ``weights`` of ``delta`` (least squares, float64), and in eval mode the change of
+        the cached ``matrix`` (linear in the weights) so that a projected state_dict stays consistent."""
+        w = self.projector.coefficients(delta.double().unsqueeze(-1))
+        return {"weights": w, **eval_cache_delta(base, "matrix", w, lambda dw: self.projector.expand(dw))}
+
+    def after_merge(self, base: nn.Module) -> None:
+        refresh_eval_cache(base, "matrix")

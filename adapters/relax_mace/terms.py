@@ -97,13 +97,9 @@ class MaceSymmetricContractionRelaxation(E3nnRelaxation):
         self.take_input(args, kwargs)  # a clear error before the contraction's own einsum fails obscurely
         return super().forward(base, theta, *args, **kwargs)
 
-    # merge_dense is not overridden: the core's default (False, so can_merge() is False) makes
-    # project(merge=True) drop the term with a warning and projection_error report all of θ·W·x
-
-    def projection_error(self, theta: Tensor) -> dict[str, Any]:
-        out = super().projection_error(theta)
-        out["mergeable"] = 0.0  # as the e3nn tensor products report it
-        return out
+    # declared, not inherited by accident: project(merge=True) drops the term with a warning, and
+    # projection_report says mergeable = 0 and counts all of θ·W·x as the output change
+    can_merge = False
 
     def extra_repr(self) -> str:
         return f"{self.channels}x({self.coupling_dim}) -> {self.irreps_out}" + (

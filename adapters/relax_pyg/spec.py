@@ -32,7 +32,7 @@ GROUPS = ("O(3)", "SO(3)")
 POS_CENTERS = ("batch", "edges")
 
 FieldLike = str | Field | Callable[[nn.Module], str | Field]
-MergeFn = Callable[[nn.Module, Tensor, Any], bool]
+MergeFn = Callable[[nn.Module, Tensor, Any], 'dict[str, Tensor]']
 
 
 def _as_field(spec: FieldLike | None, module: nn.Module) -> Field | None:
@@ -63,9 +63,10 @@ class LayerSpec:
         edge_index: name of the forward argument holding edges, used when ``pos_center="edges"``.
         pos_center: ``"batch"`` (per-graph centroid) or ``"edges"`` (mean of x_i − x_j over the
             edges into i): how positions enter W without breaking translation equivariance.
-        merge: optional ``fn(layer, delta, term) -> bool`` that adds the dense intertwiner ``delta``
-            (d_out, d_in) into the layer's own parameters; without it ``project(merge=True)``
-            drops the relaxation of this layer.
+        merge: optional ``fn(layer, delta, term) -> {name: tensor}``: the change to the layer's own
+            parameters (keys of ``layer.state_dict()``) that adds the dense intertwiner ``delta``
+            (d_out, d_in, float64) to the layer's map; relax-plugins adds it (``fn`` only reads the
+            layer). Without it ``project(merge=True)`` drops the relaxation of this layer.
         node_axes: how many leading axes index nodes. 1 (default): node-major ``[N, ...]`` tensors
             of PyG, graphs told apart by ``batch``. 2: batch-first ``[B, N, ...]`` tensors
             (egnn-pytorch style), one graph per row: W acts on each node's fibre (the axes after

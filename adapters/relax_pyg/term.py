@@ -120,6 +120,8 @@ def center_rows(pos: Tensor, mask: Tensor | None = None) -> Tensor:
 class PygRelaxation(LinearRelaxation):
     """f_θ = f + θ·W·x for a layer described by a :class:`~relax_pyg.spec.ResolvedSpec`.
 
+    Merges (``can_merge``) exactly when the declaration has a ``merge`` function.
+
     Args:
         spec: the layer's fields and argument positions.
         rank: low-rank W (see :class:`relax_plugins.LinearRelaxation`).
@@ -137,9 +139,12 @@ class PygRelaxation(LinearRelaxation):
         >>> relax_pyg.undeclare(Shift)
     """
 
+    batched_penalty = False  # its own structured per-irrep penalty_terms
+
     def __init__(self, spec: ResolvedSpec, rank: int | None = None, init_std: float = 0.0) -> None:
         super().__init__(symmetry_for(spec), rank=rank, init_std=init_std)
         self.spec = spec
+        self.can_merge = spec.merge is not None  # declare(..., merge=fn)
         self._out_sizes = [f.dim for f in spec.outputs if f is not None]
         # structured generators for the penalty (relax_plugins.irreps.Fibre, per irrep block); the
         # dense (k, d, d) matrices cost O(d²) per node and dominated the step time of wide layers
@@ -271,10 +276,8 @@ class PygRelaxation(LinearRelaxation):
         """
         return self._schur(W)
 
-    def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
-        if self.spec.merge is None:
-            return False
-        return bool(self.spec.merge(base, delta, self))
+    def dense_delta(self, base: nn.Module, delta: Tensor) -> dict[str, Tensor] | None:
+        return None if self.spec.merge is None else self.spec.merge(base, delta, self)
 
     def extra_repr(self) -> str:
         ins = ", ".join(f"{n}: {f.irreps}" for n, _, f in self.spec.inputs)

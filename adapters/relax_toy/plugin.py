@@ -14,26 +14,24 @@ from relax_plugins import AdapterOption, LinearRelaxation, Symmetry, hookimpl
 class SO2Relaxation(LinearRelaxation):
     """Dense W on the 2·c_in → 2·c_out fibre; P(W) from the generic null-space projection."""
 
-    def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
+    can_merge = True
+
+    def dense_delta(self, base: nn.Module, delta: Tensor) -> dict[str, Tensor]:
         B = delta.reshape(base.c_out, 2, base.c_in, 2).permute(0, 2, 1, 3)
-        with torch.no_grad():
-            base.a += ((B[..., 0, 0] + B[..., 1, 1]) / 2).to(base.a.dtype)
-            base.b += ((B[..., 1, 0] - B[..., 0, 1]) / 2).to(base.b.dtype)
-        return True
+        return {"a": (B[..., 0, 0] + B[..., 1, 1]) / 2, "b": (B[..., 1, 0] - B[..., 0, 1]) / 2}
 
 
 class CNRelaxation(LinearRelaxation):
     """Dense W on the regular fibres; P(W) is the Reynolds average over C_N (generic fallback)."""
 
-    def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
+    can_merge = True
+
+    def dense_delta(self, base: nn.Module, delta: Tensor) -> dict[str, Tensor]:
         n = base.n
         B = delta.reshape(base.c_out, n, base.c_in, n).permute(0, 2, 1, 3)
         k = torch.arange(n)
         # circulant block: w[m] = mean_k B[(k + m) mod n, k]
-        w = torch.stack([B[:, :, (k + m) % n, k].mean(-1) for m in range(n)], dim=-1)
-        with torch.no_grad():
-            base.weight += w.to(base.weight.dtype)
-        return True
+        return {"weight": torch.stack([B[:, :, (k + m) % n, k].mean(-1) for m in range(n)], dim=-1)}
 
 
 @hookimpl

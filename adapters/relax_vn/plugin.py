@@ -212,6 +212,9 @@ class VNLinearRelaxation(LinearRelaxation):
         (4, 7, 3, 3)
     """
 
+    can_merge = True  # θ·P(W) = I_3 ⊗ M: M adds to the channel Linear's weight
+    batched_penalty = False  # its own penalty_terms (strided rows, Gram or direct)
+
     def __init__(
         self,
         c_in: int,
@@ -405,12 +408,11 @@ class VNLinearRelaxation(LinearRelaxation):
         """
         return self._schur(W)
 
-    def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
+    def dense_delta(self, base: nn.Module, delta: Tensor) -> dict[str, Tensor]:
         if not isinstance(base, nn.Linear) or tuple(base.weight.shape) != (self.c_out, self.c_in):
-            return False
-        with torch.no_grad():
-            base.weight += self.block_trace(delta).to(base.weight.dtype)
-        return True
+            raise TypeError(f"relax_vn: expected the channel nn.Linear({self.c_in}, {self.c_out}) this term was "
+                            f"built for, got {type(base).__name__}")
+        return {"weight": self.block_trace(delta)}
 
     def extra_repr(self) -> str:
         return f"VN {self.group}: {self.c_in} -> {self.c_out} channels" + (
@@ -489,8 +491,7 @@ class VNModuleRelaxation(VNLinearRelaxation):
         self._y = out.detach()
         return out
 
-    def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
-        return False
+    can_merge = False  # an arbitrary module's parameters cannot hold θ·P(W)
 
     def extra_repr(self) -> str:
         lay = self.layout

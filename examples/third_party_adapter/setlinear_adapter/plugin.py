@@ -23,6 +23,8 @@ def symmetric_group_generators(n: int, channels: int) -> Tensor:
 class SetRelaxation(rp.LinearRelaxation):
     """W is dense on the (C·n) fibre; the layer input [..., C, n] flattens channel-major."""
 
+    can_merge = True  # dense_delta below folds θ·P(W) into A and B
+
     def __init__(self, layer: SetLinear, n: int, **kw) -> None:
         sym = rp.Symmetry(
             layer.c_in * n, layer.c_out * n,
@@ -52,12 +54,10 @@ class SetRelaxation(rp.LinearRelaxation):
         blocks = alpha[..., None, None] * eye + beta[..., None, None] * ones
         return blocks.transpose(1, 2).reshape(W.shape)
 
-    def merge_dense(self, base: nn.Module, delta: Tensor) -> bool:
+    def dense_delta(self, base: nn.Module, delta: Tensor) -> dict[str, Tensor]:
+        # what to add to the layer's own parameters; the core adds it (and can take it back)
         alpha, beta = self._coefficients(delta)
-        with torch.no_grad():
-            base.A += alpha.to(base.A.dtype)
-            base.B += (beta * self.n).to(base.B.dtype)  # mean(x) = (1/n)·1ᵀx
-        return True
+        return {"A": alpha, "B": beta * self.n}  # mean(x) = (1/n)·1ᵀx
 
 
 @rp.hookimpl
