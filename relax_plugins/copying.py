@@ -13,6 +13,7 @@ shallowly). Aliasing is kept: a module or tensor reachable twice is copied once.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -60,6 +61,12 @@ def module_copy(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
     memo = {} if memo is None else memo
     if id(module) in memo:
         return memo[id(module)]
+    if isinstance(module, torch.jit.ScriptModule):
+        # TorchScript modules (e3nn 0.4's compiled codegen) keep their tree in C++-backed containers
+        # that cannot be rebuilt from Python; they are made to be deep-copied, and hold no escnn objects
+        new = copy.deepcopy(module)
+        memo[id(module)] = new
+        return new
     cls = type(module)
     new = cls.__new__(cls)
     memo[id(module)] = new
