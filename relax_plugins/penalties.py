@@ -1,0 +1,140 @@
+"""The penalty (the regulariser of the relaxation terms) and the validation of its arguments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_choice, check_real
+from .errors import AdapterError, NonFiniteError, RelaxError
+from .relaxed import _require_relaxed
+from .term import LinearRelaxation, PenaltyTerms, moment_penalties
+from .wrapper import RelaxedModule
+
+__all__ = ["penalty", "check_penalty_args", "PENALTY_FORMS"]
+
+PENALTY_FORMS = ("sqrt", "mean", "paper")
+
+
+def check_penalty_args(lie: Any, norm: Any, form: Any, eps: Any) -> tuple[float, float, str, float]:
+    """Validate :func:`penalty`'s settings (also used up front by the training helpers)."""
+    form = check_choice(form, "form", PENALTY_FORMS)
+    lie, norm = check_real(lie, "lie"), check_real(norm, "norm")
+    # √ has an infinite derivative at 0 and W = 0 at the start: ε = 0 would give NaN gradients
+    eps = check_real(eps, "eps", positive=form != "mean")
+    return lie, norm, form, eps
+
+
+def penalty(
+    model: nn.Module,
+    lie: float = 1e-2,
+    norm: float = 1e-2,
+    *,
+    form: str = "sqrt",
+    eps: float = 1e-12,
+) -> Tensor:
+    """Regulariser of the relaxation terms, from the inputs of the last forward pass.
+
+    With per-layer sums over samples (points / nodes / pixels) LD_l (squared Lie derivative plus
+    squared discrete-generator defect) and N_l (||W x||²) on n_l samples:
+
+    * ``form="sqrt"`` (default, batch-size independent):
+      lie·√(Σ_l LD_l/n_l + ε) + norm·√(Σ_l N_l/n_l + ε)
+    * ``form="mean"``: lie·Σ_l LD_l/n_l + norm·Σ_l N_l/n_l (squared, no roots)
+    * ``form="paper"``: lie·√(Σ_l LD_l + ε) + norm·√(Σ_l N_l + ε), the authors' code (sums, so its
+      strength grows with the batch size).
+
+    Inputs are detached: the penalty trains W only. ``lie``, ``norm`` are finite numbers >= 0; ``eps``
+    must be > 0 for the root forms (√ has an infinite slope at 0, where W starts). A layer that saw
+    no samples (an empty batch) contributes 0.
+
+    Raises:
+        NonFiniteError: the penalty came out NaN/inf; the message names the layer and whether its
+            recorded input, its relaxation weights or the penalty computation is at fault.
+
+    Example:
+        >>> import torch, relax_plugins as rp
+        >>> from relax_toy.layers import SO2Linear
+        >>> m = rp.relax(torch.nn.Sequential(SO2Linear(2, 2)))
+        >>> _ = m(torch.randn(8, 4))
+        >>> float(rp.penalty(m).detach()) < 1e-5   # W = 0 at the start
+        True
+    """
+    lie, norm, form, eps = check_penalty_args(lie, norm, form, eps)
+    layers = _require_relaxed(model, "penalty")
+    per_layer = _all_penalty_terms(layers)
+    lie_total: Tensor | float = 0.0
+    norm_total: Tensor | float = 0.0
+    for _, t in per_layer:
+        scale = 1.0 if form == "paper" else 1.0 / max(t.samples, 1)
+        lie_total = lie_total + t.lie * scale
+        norm_total = norm_total + t.norm * scale
+    if form == "mean":
+        out = lie * lie_total + norm * norm_total
+    else:
+        out = lie * torch.sqrt(lie_total + eps) + norm * torch.sqrt(norm_total + eps)
+    out = torch.as_tensor(out)
+    if not bool(torch.isfinite(out.detach()).all()):  # one check per call; diagnose only on failure
+        _raise_non_finite(layers, per_layer)
+    return out
+
+
+def _raise_non_finite(layers: list[tuple[str, RelaxedModule]], per_layer: list[tuple[str, PenaltyTerms]]) -> None:
+    by_name = dict(layers)
+    for name, t in per_layer:
+        values = [torch.as_tensor(v).detach() for v in (t.lie, t.norm)]
+        if all(bool(torch.isfinite(v).all()) for v in values):
+            continue
+        layer = by_name[name]
+        where = f"layer {name or '<root>'!r} ({type(layer.base).__name__}, adapter {layer.adapter!r})"
+        bad_w = [n for n, p in layer.term.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if bad_w:
+            raise NonFiniteError(f"penalty of {where} is not finite: its relaxation weights {bad_w} hold NaN/inf "
+                                 "(a diverged optimiser step?)")
+        bad_x = [k for k, v in layer.term.recorded_state().items()
+                 if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad_x:
+            raise NonFiniteError(f"penalty of {where} is not finite: the input recorded in the last forward pass "
+                                 "holds NaN/inf (from the model's own computation, upstream of this layer)")
+        raise NonFiniteError(f"penalty of {where} came out non-finite (lie={float(values[0]):g}, "
+                             f"norm={float(values[1]):g}) from finite inputs and weights: overflow in the "
+                             "adapter's penalty (try float32/float64 instead of half precision)")
+    raise NonFiniteError("the penalty is not finite although every layer's terms are (overflow in the sum; "
+                         "lower lie/norm or use float64)")
+
+
+def _check_penalty_terms(t: Any, name: str, layer: RelaxedModule) -> PenaltyTerms:
+    """An adapter's penalty_terms() value, validated before it reaches the loss."""
+    where = f"penalty_terms() of layer {name or '<root>'!r} (adapter {layer.adapter!r})"
+    if not isinstance(t, tuple) or len(t) != 3:
+        raise AdapterError(f"{where} returned {type(t).__name__}, not PenaltyTerms(lie, norm, samples)")
+    lie, norm, samples = t
+    for what, v in (("lie", lie), ("norm", norm)):
+        if not (isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point()):
+            raise AdapterError(f"{where}: {what} must be a one-element floating tensor, got {type(v).__name__}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise AdapterError(f"{where}: samples must be an int >= 0, got {samples!r}")
+    return t if isinstance(t, PenaltyTerms) else PenaltyTerms(lie, norm, samples)
+
+
+def _all_penalty_terms(layers: list[tuple[str, RelaxedModule]]) -> list[tuple[str, PenaltyTerms]]:
+    """Every layer's PenaltyTerms; layers of equal shapes on the default path are batched."""
+    groups: dict[tuple, list[tuple[str, LinearRelaxation]]] = {}
+    out: list[tuple[str, PenaltyTerms]] = []
+    for name, layer in layers:
+        term = layer.term
+        recorded = term.recorded_state()
+        if recorded and not any(isinstance(v, Tensor) for v in recorded.values()):
+            raise RelaxError(f"penalty: layer {name or '<root>'!r} ({type(layer.base).__name__}) has not run a "
+                             "forward pass yet: run the model on a batch before penalty()")
+        key = term.batchable_penalty() if isinstance(term, LinearRelaxation) else None
+        if key is None:
+            out.append((name, _check_penalty_terms(term.penalty_terms(), name, layer)))
+        else:
+            groups.setdefault(key, []).append((name, term))
+    for group in groups.values():
+        terms = [t for _, t in group]
+        out.extend(zip([n for n, _ in group], moment_penalties(terms, [t.penalty_input() for t in terms])))
+    return out

@@ -1,0 +1,290 @@
+"""Projecting a relaxed model back (dropping or merging the relaxation); how far it is from equivariant."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_bool
+from .errors import AdapterError, NonFiniteError
+from .relaxed import _require_relaxed
+from .term import RelaxationTerm
+from .wrapper import RelaxedModule
+
+__all__ = ["project", "projected_state_dict", "projection_report", "merge_deltas", "preserved_state"]
+
+
+def projection_report(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per relaxed layer: θ, ||W||, ||W − P(W)||/||W||, ``mergeable`` (1.0 when ``project(merge=True)``
+    folds θ·P(W) into the layer, from the term's ``can_merge`` declaration) and, from the last forward
+    pass, θ||W x||/||f_θ(x)||, θ||(W − P(W)) x||/||f_θ(x)|| and the mean Lie/discrete defect.
+
+    Reads the model only: its parameters, buffers, train/eval modes and the RNG are left as they were.
+
+    Example:
+        >>> import torch, relax_plugins as rp
+        >>> from relax_toy.layers import SO2Linear
+        >>> m = rp.relax(torch.nn.Sequential(SO2Linear(1, 1)))
+        >>> _ = m(torch.randn(4, 2))
+        >>> sorted(rp.projection_report(m)["0"])[:4]
+        ['lie_defect', 'mergeable', 'rel_output_error', 'rel_weight_error']
+    """
+    layers = _require_relaxed(model, "projection_report")
+    out: dict[str, dict[str, float]] = {}
+    with preserved_state(model):
+        for name, layer in layers:
+            row = layer.term.projection_error(layer.theta)
+            if not isinstance(row, dict) or not all(isinstance(k, str) for k in row):
+                raise AdapterError(f"projection_error() of layer {name or '<root>'!r} (adapter {layer.adapter!r}) "
+                                   f"returned {type(row).__name__}, not a dict with string keys")
+            # one source for "mergeable": the term's declaration, which is what project(merge=True) does
+            out[name] = {**row, "mergeable": float(bool(layer.term.can_merge))}
+    return out
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Run diagnostics on ``model`` and leave it as it was: parameter and buffer values (BatchNorm
+    statistics), every module's train/eval mode, the torch/NumPy/Python RNGs and what the relaxation
+    terms recorded from the user's last forward pass are restored on exit, errors included.
+
+    Example:
+        >>> import torch
+        >>> bn = torch.nn.BatchNorm1d(2)
+        >>> with preserved_state(bn):
+        ...     _ = bn(torch.randn(4, 2))
+        >>> bn.running_mean.tolist()
+        [0.0, 0.0]
+    """
+    tensors = []
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for key, t in store.items():
+                if t is not None:
+                    tensors.append((store, key, t, t.detach().clone()))
+    modes = [(m, m.training) for m in model.modules()]
+    recorded = [(t, t.recorded_state()) for t in model.modules() if isinstance(t, RelaxationTerm)]
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    py_rng = random.getstate()
+    np_mod = sys.modules.get("numpy")
+    np_rng = np_mod.random.get_state() if np_mod is not None else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for store, key, t, saved in tensors:
+                store[key] = t
+                if not torch.equal(t.detach(), saved):
+                    t.detach().copy_(saved)
+        for m, mode in modes:
+            m.training = mode
+        for term, state in recorded:
+            term.__dict__.update(state)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        random.setstate(py_rng)
+        if np_rng is not None:
+            np_mod.random.set_state(np_rng)
+
+
+def project(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Turn a relaxed model back into the original, exactly equivariant architecture, in place.
+
+    Every :class:`RelaxedModule` is replaced by the layer it wraps, so the result has the
+    original classes and state_dict keys and no inference overhead.
+
+    Args:
+        model: a relaxed model.
+        merge: if True, fold θ·P(W) (the equivariant part of the relaxation) into the base layer's
+            weights where the adapter says the layer can hold it; layers that cannot are dropped
+            with a warning. If False, the relaxation is dropped (the paper's projection) and the
+            base weights stay bit-identical.
+
+    Returns:
+        ``model`` (or the base layer if the root itself was the relaxed layer).
+
+    Raises:
+        NotRelaxedError: ``model`` holds no relaxed layer.
+
+    Example:
+        >>> import torch, relax_plugins as rp
+        >>> from relax_toy.layers import SO2Linear
+        >>> m = rp.relax(torch.nn.Sequential(SO2Linear(1, 1)))
+        >>> type(rp.project(m)[0]).__name__
+        'SO2Linear'
+    """
+    merge = check_bool(merge, "merge")
+    layers = _require_relaxed(model, "project")
+    if merge:
+        # every delta is computed (and validated) before anything is written
+        deltas = [(name, layer, merge_deltas(name, layer)) for name, layer in layers]
+        _apply_deltas(deltas)
+        dropped = [name or "<root>" for name, _, d in deltas if d is None]
+        if dropped:
+            warnings.warn(
+                f"project(merge=True): {len(dropped)} layer(s) cannot hold θ·P(W) and were dropped: {dropped}",
+                stacklevel=2,
+            )
+    if layers[0][0] == "":
+        return layers[0][1].base
+    # every use of a wrapper (a tied layer is installed at several places)
+    uses = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, RelaxedModule)]
+    done: list[tuple[str, RelaxedModule]] = []
+    try:
+        for name, layer in uses:
+            model.set_submodule(name, layer.base)
+            done.append((name, layer))
+    except BaseException:
+        for name, layer in reversed(done):
+            model.set_submodule(name, layer)
+        raise
+    return model
+
+
+def merge_deltas(name: str, layer: RelaxedModule) -> dict[str, Tensor] | None:
+    """The validated delta of one relaxed layer: ``{key of layer.base.state_dict(): tensor to add}``
+    (cast to that entry's dtype and device), or None when its term does not declare ``can_merge``.
+
+    Reads the model only. Raises ``NonFiniteError`` for a non-finite θ, relaxation weight or delta
+    and ``AdapterError`` for a delta that breaks the contract of
+    :meth:`relax_plugins.RelaxationTerm.merge_delta`.
+    """
+    _check_mergeable(name, layer)
+    term = layer.term
+    if not term.can_merge:
+        return None
+    where = f"layer {name or '<root>'!r} (adapter {layer.adapter!r})"
+    try:
+        with torch.no_grad():
+            delta = term.merge_delta(layer.base, layer.theta)
+    except Exception as exc:
+        raise AdapterError(f"merge_delta() failed on {where}: {exc}. The model was not changed.") from exc
+    if delta is None:
+        raise AdapterError(f"merge_delta() of {where} returned None although its term declares can_merge "
+                           "(declare can_merge = False instead). The model was not changed.")
+    if not isinstance(delta, dict):
+        raise AdapterError(f"merge_delta() of {where} returned {type(delta).__name__}, not a dict "
+                           "{name: tensor to add} or None. The model was not changed.")
+    state = layer.base.state_dict(keep_vars=True)
+    out: dict[str, Tensor] = {}
+    for key, d in delta.items():
+        target = state.get(key) if isinstance(key, str) else None
+        if target is None:
+            raise AdapterError(f"merge_delta() of {where} names {key!r}, which is not an entry of the base layer's "
+                               f"state_dict ({sorted(state)}). The model was not changed.")
+        if not isinstance(d, Tensor) or not target.is_floating_point() or tuple(d.shape) != tuple(target.shape):
+            got = f"shape {tuple(d.shape)}" if isinstance(d, Tensor) else type(d).__name__
+            raise AdapterError(f"merge_delta() of {where}: the delta of {key!r} must be a tensor of shape "
+                               f"{tuple(target.shape)} for a floating entry, got {got}. The model was not changed.")
+        d = d.detach().to(device=target.device, dtype=target.dtype)
+        if not bool(torch.isfinite(d).all()) or not bool(torch.isfinite(target.detach() + d).all()):
+            raise NonFiniteError(f"merge into {where} would make {key!r} non-finite. The model was not changed.")
+        out[key] = d
+    return out
+
+
+def _apply_deltas(deltas: list[tuple[str, RelaxedModule, dict[str, Tensor] | None]]) -> None:
+    """Add every layer's delta into its base layer in place; on any failure (an exception from an
+    ``after_merge``, a non-finite result, an interrupt) restore every touched tensor bit for bit.
+
+    Only the delta's targets are saved (cloned), and the tensor references of each base layer's
+    parameter and buffer dicts (so that caches ``after_merge`` replaced are put back)."""
+    saved: list[tuple[Tensor, Tensor]] = []
+    stores: list[tuple[dict, dict]] = []
+    modes: list[tuple[nn.Module, bool]] = []
+    try:
+        with torch.no_grad():
+            for name, layer, delta in deltas:
+                if not delta:
+                    continue
+                for m in layer.base.modules():
+                    stores.extend((st, dict(st)) for st in (m._parameters, m._buffers))
+                    modes.append((m, m.training))
+                state = layer.base.state_dict(keep_vars=True)
+                for key, d in delta.items():
+                    target = state[key].detach()
+                    saved.append((target, target.clone()))
+                    target.add_(d)
+                try:
+                    layer.term.after_merge(layer.base)
+                except Exception as exc:
+                    raise AdapterError(f"after_merge() failed on layer {name or '<root>'!r} (adapter "
+                                       f"{layer.adapter!r}): {exc}. The model was not changed.") from exc
+                bad = [k for k, v in layer.base.state_dict().items()
+                       if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+                if bad:
+                    raise NonFiniteError(f"merge into layer {name or '<root>'!r} (adapter {layer.adapter!r}) made "
+                                         f"{bad} non-finite. The model was not changed.")
+    except BaseException:
+        with torch.no_grad():
+            for store, refs in reversed(stores):
+                store.clear()
+                store.update(refs)
+            for target, copy in reversed(saved):
+                target.copy_(copy)
+        for m, mode in modes:
+            m.training = mode
+        raise
+
+
+def _check_mergeable(name: str, layer: RelaxedModule) -> None:
+    """θ and the relaxation weights must be finite before anything is folded into the base layer."""
+    where = f"layer {name or '<root>'!r} (adapter {layer.adapter!r})"
+    if not bool(torch.isfinite(layer.theta.detach()).all()):
+        raise NonFiniteError(f"θ of {where} is {float(layer.theta):g}: cannot merge. The model was not changed.")
+    bad = [n for n, p in layer.term.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteError(f"relaxation weights {bad} of {where} hold NaN/inf: cannot merge (project(merge=False) "
+                             "drops them). The model was not changed.")
+
+
+def projected_state_dict(model: nn.Module, merge: bool = False) -> dict[str, Tensor]:
+    """The state_dict that ``project(model, merge)`` would have, without changing ``model``.
+
+    Keys are those of the original architecture, so the result loads into a model that was never
+    relaxed. Nothing is copied but what changes: with ``merge``, each entry a term's
+    :meth:`~relax_plugins.RelaxationTerm.merge_delta` names is a new tensor, the model's value plus
+    the delta (no module is copied or modified); every other returned tensor is the model's own (as
+    with ``state_dict()``).
+
+    Example:
+        >>> import torch, relax_plugins as rp
+        >>> from relax_toy.layers import SO2Linear
+        >>> m = rp.relax(torch.nn.Sequential(SO2Linear(1, 1)))
+        >>> list(rp.projected_state_dict(m))
+        ['0.a', '0.b']
+    """
+    merge = check_bool(merge, "merge")
+    layers = _require_relaxed(model, "projected_state_dict")
+    state = model.state_dict()
+    bases: dict[int, dict[str, Tensor]] = {}
+    for name, layer in layers:
+        base_state = layer.base.state_dict()
+        delta = merge_deltas(name, layer) if merge else None
+        if delta:
+            with torch.no_grad():
+                base_state.update({k: base_state[k] + d for k, d in delta.items()})
+        bases[id(layer)] = base_state
+    # every use of a wrapper (a tied layer is installed at several places)
+    replaced: dict[str, dict[str, Tensor]] = {}
+    for name, layer in model.named_modules(remove_duplicate=False):
+        if isinstance(layer, RelaxedModule):
+            prefix = f"{name}." if name else ""
+            replaced[prefix] = {prefix + k: v for k, v in bases[id(layer)].items()}
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        owner = next((p for p in replaced if key.startswith(p)), None)
+        if owner is None:
+            out[key] = value
+        elif key.startswith(owner + "base."):
+            new_key = owner + key[len(owner) + len("base."):]
+            out[new_key] = replaced[owner][new_key]
+    return out
