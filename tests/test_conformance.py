@@ -11,6 +11,7 @@ import pytest
 import torch
 from relax_toy.layers import CNLinear, SO2Linear, so2_generator
 from relax_toy.plugin import SO2Relaxation
+from shared_layers import VecLayer
 
 import relax_plugins as rp
 from relax_plugins.testing import PROPERTIES, ConformanceReport, check_adapter
@@ -84,19 +85,6 @@ def test_vn_adapter_conforms():
     # a VN block with two channel maps (and a BatchNorm in train mode): both terms are checked
     report = check_adapter("vn", VNLinearLeakyReLU(3, 4), x, observe=False)  # found from the source text
     _certified(report, ["layer.map_to_feat", "layer.map_to_dir"])
-
-
-class VecLayer(torch.nn.Module):
-    """Vectors mixed over channels plus the summed relative positions of incoming edges (2x1o → 2x1o)."""
-
-    def __init__(self, c: int = 2) -> None:
-        super().__init__()
-        self.mix = torch.nn.Parameter(torch.randn(c, c))
-
-    def forward(self, vec, pos, *, edge_index=None):
-        src, dst = edge_index
-        rel = torch.zeros_like(pos).index_add_(0, dst, pos[dst] - pos[src])
-        return torch.einsum("oc,ncd->nod", self.mix, vec) + rel[:, None, :]
 
 
 def _merge_scale(layer, delta, term):

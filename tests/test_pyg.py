@@ -18,6 +18,7 @@ from geometry import random_orthogonal  # noqa: E402
 from relax_pyg.irreps import Field, _harmonics, field_generators, irrep_generators, parse_irreps  # noqa: E402
 from relax_pyg.spec import LayerSpec  # noqa: E402
 from relax_pyg.term import PygRelaxation  # noqa: E402
+from shared_layers import VecLayer  # noqa: E402
 
 import relax_plugins as rp  # noqa: E402
 from examples.egnn.model import EGNN, EGNNLayer  # noqa: E402
@@ -234,19 +235,6 @@ def test_projection_of_position_block_is_trace_over_three():
 # ---------------------------------------------------------------------------------------------
 # declarations
 # ---------------------------------------------------------------------------------------------
-class VecLayer(torch.nn.Module):
-    """Equivariant toy layer with vector channels (N, C, 3) and keyword-only edge arguments."""
-
-    def __init__(self, c: int = 2) -> None:
-        super().__init__()
-        self.mix = torch.nn.Parameter(torch.randn(c, c))
-
-    def forward(self, vec, pos, *, edge_index=None):
-        src, dst = edge_index
-        rel = torch.zeros_like(pos).index_add_(0, dst, pos[dst] - pos[src])
-        return torch.einsum("oc,ncd->nod", self.mix, vec) + rel[:, None, :]
-
-
 @pytest.fixture
 def declared_vec_layer():
     relax_pyg.declare(
