@@ -1020,7 +1020,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         missing = [f"{a}/seed{s}" for a, s in jobs if (a, s) not in done]
         evidence = Path(cfg.evidence)
         evidence.parent.mkdir(parents=True, exist_ok=True)
-        evidence.write_text(json.dumps(evidence_record(result, missing), indent=1))
+        record = evidence_record(result, missing)
+        record["runs_in_progress"] = {f"{a}/seed{s}": {"step": _checkpoint_step(cfg, a, s), "of": cfg.steps}
+                                      for a, s in jobs if (a, s) not in done and _checkpoint_step(cfg, a, s) > 0}
+        evidence.write_text(json.dumps(record, indent=1))
         if png:
             evidence.with_suffix(".png").write_bytes(png.read_bytes())
     table = format_table(summary, cfg, timing)
