@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int, check_real
 from .api import _require_relaxed
 from .term import LinearRelaxation
 
@@ -68,12 +69,11 @@ class LearnedModulation:
     """
 
     def __init__(self, model: nn.Module, theta_max: float = 1.0, rate: float = 1e-3, every: int = 1) -> None:
-        for v, n, ok, need in ((theta_max, "theta_max", theta_max > 0, "> 0"),
-                               (rate, "rate", 0 < rate <= 1, "in (0, 1]"), (every, "every", every >= 1, ">= 1")):
-            if not math.isfinite(v) or not ok:
-                raise ValueError(f"{n} must be finite and {need}, got {v}")
-        if int(every) != every:
-            raise ValueError(f"every must be an integer, got {every}")
+        theta_max = check_real(theta_max, "theta_max", positive=True)
+        rate = check_real(rate, "rate", positive=True)
+        if rate > 1:
+            raise ValueError(f"rate must be in (0, 1], got {rate}")
+        every = check_int(every, "every", minimum=1)
         self.model, self.theta_max, self.rate, self.every = model, float(theta_max), float(rate), int(every)
         self.count = 0
         self.layers = _require_relaxed(model, "LearnedModulation")
@@ -147,8 +147,13 @@ class LearnedModulation:
         return {"thetas": dict(self.thetas), "shares": dict(self.shares), "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state["thetas"]) != set(self.thetas):
-            raise KeyError(f"state is for layers {sorted(state['thetas'])}, this model has {sorted(self.thetas)}")
+        """Restore :meth:`state_dict`; a state of another model or another policy raises before anything changes."""
+        if not isinstance(state, dict) or set(state) != {"thetas", "shares", "count"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a LearnedModulation state: expected keys ['count', 'shares', 'thetas'], got {got}")
+        if set(state["thetas"]) != set(self.thetas) or set(state["shares"]) != set(self.thetas):
+            raise ValueError(f"state is for layers {sorted(state['thetas'])}, this model has {sorted(self.thetas)}")
+        check_int(state["count"], "state['count']", minimum=0)
         self.thetas = {k: float(v) for k, v in state["thetas"].items()}
         self.shares = {k: float(v) for k, v in state["shares"].items()}
         self.count = int(state["count"])

@@ -139,16 +139,23 @@ def test_bad_arguments_raise():
     model, x, _ = model_and_data(symmetric=True)
     for kwargs, name in (({"theta_max": 0.0}, "theta_max"), ({"theta_max": math.inf}, "theta_max"),
                          ({"rate": 0.0}, "rate"), ({"rate": 1.5}, "rate"), ({"rate": math.nan}, "rate"),
-                         ({"every": 0}, "every"), ({"every": 1.5}, "every")):
+                         ({"every": 0}, "every")):
         with pytest.raises(ValueError, match=name):
+            rp.LearnedModulation(model, **kwargs)
+    for kwargs, name in (({"every": 1.5}, "every"), ({"every": True}, "every"), ({"theta_max": "1"}, "theta_max")):
+        with pytest.raises(TypeError, match=name):
             rp.LearnedModulation(model, **kwargs)
     with pytest.raises(rp.NotRelaxedError):
         rp.LearnedModulation(nn.Sequential(SO2Linear(1, 1)))
     mod = rp.LearnedModulation(model)
     with pytest.raises(RuntimeError, match="run the model"):
         mod.step()
-    with pytest.raises(KeyError, match="layers"):
+    before = mod.state_dict()
+    with pytest.raises(ValueError, match="layers"):
         mod.load_state_dict({"thetas": {"0": 0.1}, "shares": {"0": 0.0}, "count": 0})
+    with pytest.raises(ValueError, match="not a LearnedModulation state"):
+        mod.load_state_dict({"lambdas": {}, "slacks": {}})  # a DualAscentTheta state
+    assert mod.state_dict() == before
     rp.DualAscentTheta(model)
     with pytest.raises(ValueError, match="already learnable"):
         rp.LearnedModulation(model)
