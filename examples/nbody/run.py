@@ -1021,8 +1021,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         evidence = Path(cfg.evidence)
         evidence.parent.mkdir(parents=True, exist_ok=True)
         record = evidence_record(result, missing)
-        record["runs_in_progress"] = {f"{a}/seed{s}": {"step": _checkpoint_step(cfg, a, s), "of": cfg.steps}
-                                      for a, s in jobs if (a, s) not in done and _checkpoint_step(cfg, a, s) > 0}
+        steps = {(a, s): _checkpoint_step(cfg, a, s) for a, s in jobs if (a, s) not in done}  # one load per file
+        record["runs_in_progress"] = {f"{a}/seed{s}": {"step": k, "of": cfg.steps} for (a, s), k in steps.items() if k}
         evidence.write_text(json.dumps(record, indent=1))
         if png:
             evidence.with_suffix(".png").write_bytes(png.read_bytes())
