@@ -107,4 +107,4 @@ def get_theta(model: nn.Module) -> dict[str, float]:
         >>> rp.get_theta(rp.relax(torch.nn.Sequential(SO2Linear(1, 1))))
         {'0': 0.0}
     """
-    return {n: float(m.theta) for n, m in _require_relaxed(model, "get_theta")}
+    return {n: float(m.theta.detach()) for n, m in _require_relaxed(model, "get_theta")}

@@ -28,8 +28,16 @@ class RelaxedTraining:
     Args:
         model: a model already passed through :func:`relax_plugins.relax`.
         schedule: a :class:`~relax_plugins.schedules.Schedule`, a name ("triangular", "linear_decay",
-            "cosine", "constant") or a callable of t ∈ [0, 1].
-        total: number of :meth:`advance` calls (needed unless ``schedule`` is a Schedule).
+            "cosine", "constant"), a callable of t ∈ [0, 1], or a learned θ policy built on this model
+            (:class:`~relax_plugins.DualAscentTheta`, :class:`~relax_plugins.LearnedModulation`, or
+            any object with ``layers``, ``step()``, ``penalty()``, ``finish()``, ``state_dict()`` and
+            ``load_state_dict()``): call :meth:`step` after every ``optimizer.step()`` (it runs the
+            policy's ``step()``; with a schedule it does nothing, so one loop serves both), its
+            ``penalty()`` joins :meth:`penalty`, and :meth:`finish` calls its ``finish()``. Build a
+            :class:`~relax_plugins.DualAscentTheta` (and this helper) before the optimiser: its γ
+            are parameters.
+        total: number of :meth:`advance` calls (needed for a name or callable; optional for a policy,
+            where it only sets :attr:`done`).
         lie: λ_LD. norm: λ_N. form: see :func:`relax_plugins.penalty`.
         penalty_every: compute the penalty on every k-th :meth:`penalty` call only (calls 0, k, 2k,
             ...), returning k × the penalty there and a graph-free zero otherwise: its sum over k
@@ -49,6 +57,20 @@ class RelaxedTraining:
         >>> loss = run.loss(model(torch.randn(4, 4)).square().mean())
         >>> type(run.finish()[0]).__name__
         'SO2Linear'
+
+        Learned θ (dual ascent) through the same loop:
+
+        >>> model = rp.relax(torch.nn.Sequential(SO2Linear(2, 2)))
+        >>> run = rp.RelaxedTraining(model, rp.DualAscentTheta(model, dual_lr=1e-3))
+        >>> opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        >>> for _ in range(3):
+        ...     theta = run.advance()
+        ...     opt.zero_grad()
+        ...     run.loss(model(torch.randn(4, 4)).square().mean()).backward()
+        ...     opt.step()
+        ...     run.step()
+        >>> type(run.finish()[0]).__name__
+        'SO2Linear'
     """
 
     def __init__(
@@ -63,7 +85,11 @@ class RelaxedTraining:
         penalty_every: int = 1,
     ) -> None:
         get_theta(model)  # fails early on a non-module or an unrelaxed model
-        if isinstance(schedule, Schedule):
+        self.policy = _check_policy(schedule, model) if _is_policy(schedule) else None
+        if self.policy is not None:
+            if total is not None:
+                check_int(total, "total", minimum=1)
+        elif isinstance(schedule, Schedule):
             if total is not None and check_int(total, "total", minimum=1) != schedule.total:
                 raise ValueError(f"total={total} contradicts the schedule's own total ({schedule!r}); omit total")
         elif total is None:
@@ -73,26 +99,53 @@ class RelaxedTraining:
         self.lie, self.norm, self.form, _ = check_penalty_args(lie, norm, form, 1e-12)
         self.penalty_every = check_int(penalty_every, "penalty_every", minimum=1)
         self.model = model
-        self.schedule = as_schedule(schedule, total=total if total is not None else 1)
+        self.total = total
+        self.schedule = None if self.policy is not None else as_schedule(schedule, total=total or 1)
         self.penalty_calls = 0  # penalty() calls so far: with penalty_every = k, calls 0, k, 2k, ... compute it
         self.position = 0  # index of the next advance()
+        self.policy_steps = 0  # step() calls that ran the policy
         self.history: list[dict[str, float]] = []
 
     @property
     def theta(self) -> float:
+        """θ of the current index (with a learned policy: the mean over layers)."""
+        if self.policy is not None:
+            values = list(get_theta(self.model).values())
+            return sum(values) / len(values)
         return self.schedule(max(self.position - 1, 0))
 
     @property
     def done(self) -> bool:
-        """True once the schedule has reached its last index (θ = 0)."""
+        """True once the schedule has reached its last index (θ = 0); with a learned policy, once
+        ``total`` advances were made (never without ``total``)."""
+        if self.policy is not None:
+            return self.total is not None and self.position >= self.total
         return self.position >= self.schedule.total
 
     def advance(self) -> float:
-        """Set θ for the next schedule index and return it."""
+        """Set θ for the next schedule index and return it (with a learned policy: count the index and
+        return the mean θ, which :meth:`step` sets).
+
+        Raises:
+            RuntimeError: with a learned policy, when :meth:`step` was not called since the last
+                :meth:`advance` (the policy would never move θ).
+        """
+        if self.policy is not None:
+            if self.position > self.policy_steps:
+                raise RuntimeError("RelaxedTraining with a learned θ policy: call run.step() after every "
+                                   "optimizer.step(), before the next advance()")
+            self.position += 1
+            return self.theta
         value = self.schedule(self.position)
         set_theta(self.model, value)
         self.position += 1
         return value
+
+    def step(self) -> None:
+        """After ``optimizer.step()``: the learned policy's update of θ (nothing with a schedule)."""
+        if self.policy is not None:
+            self.policy.step()
+            self.policy_steps += 1
 
     def penalty(self) -> Tensor:
         """The relaxation penalty for the last forward pass (k × it on every k-th call and a graph-free
@@ -100,11 +153,14 @@ class RelaxedTraining:
         k, call = self.penalty_every, self.penalty_calls
         self.penalty_calls += 1
         if k == 1:
-            return penalty(self.model, self.lie, self.norm, form=self.form)
-        if call % k:
+            out = penalty(self.model, self.lie, self.norm, form=self.form)
+        elif call % k:
             theta = next(relaxed_modules(self.model))[1].theta
-            return torch.zeros((), dtype=theta.dtype, device=theta.device)
-        return k * penalty(self.model, self.lie, self.norm, form=self.form)
+            out = torch.zeros((), dtype=theta.dtype, device=theta.device)
+        else:
+            out = k * penalty(self.model, self.lie, self.norm, form=self.form)
+        # the policy's own term (dual ascent's λ·γ) on every call: it is what moves θ
+        return out if self.policy is None else out + self.policy.penalty()
 
     def loss(self, task_loss: Tensor) -> Tensor:
         """``task_loss + penalty``; logs both (as floats) in :attr:`history`."""
@@ -138,34 +194,72 @@ class RelaxedTraining:
         return project(module_copy(self.model), merge=merge)
 
     def finish(self, merge: bool = False) -> nn.Module:
-        """Project the model in place (after the schedule ends θ is 0 already)."""
-        if not self.done and not math.isclose(self.theta, 0.0):
+        """Project the model in place (after the schedule ends θ is 0 already; a learned policy's
+        ``finish()`` sets it to 0)."""
+        if self.policy is not None:
+            self.policy.finish()
+        elif not self.done and not math.isclose(self.theta, 0.0):
             set_theta(self.model, 0.0)
         return project(self.model, merge=merge)
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule position and log; θ and W live in the model's own state_dict."""
-        return {"position": self.position, "history": list(self.history), "schedule": repr(self.schedule),
-                "penalty_calls": self.penalty_calls}
+        state = {"position": self.position, "history": list(self.history), "schedule": self._schedule_name(),
+                 "penalty_calls": self.penalty_calls}
+        if self.policy is not None:
+            state["policy"] = {"state": self.policy.state_dict(), "steps": self.policy_steps}
+        return state
+
+    def _schedule_name(self) -> str:
+        return repr(self.schedule) if self.policy is None else type(self.policy).__name__
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; a state of another run (other keys, schedule or position past the
         end) raises before anything changes."""
-        if not isinstance(state, dict) or set(state) - {"penalty_calls"} != {"position", "history", "schedule"}:
+        if not isinstance(state, dict) or set(state) - {"penalty_calls", "policy"} != {"position", "history", "schedule"}:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"not a RelaxedTraining state: expected keys ['history', 'position', 'schedule'], "
                              f"got {got}")
-        if state["schedule"] != repr(self.schedule):
-            raise ValueError(f"checkpoint was made with {state['schedule']}, this run uses {self.schedule!r}")
+        if state["schedule"] != self._schedule_name():
+            raise ValueError(f"checkpoint was made with {state['schedule']}, this run uses {self._schedule_name()}")
+        if ("policy" in state) != (self.policy is not None):
+            raise ValueError("checkpoint and run disagree on whether θ is learned by a policy")
         position = check_int(state["position"], "state['position']", minimum=0)
-        if position > self.schedule.total:
-            raise ValueError(f"state['position'] = {position} is past the schedule's end ({self.schedule.total})")
+        end = self.schedule.total if self.policy is None else self.total
+        if end is not None and position > end:
+            raise ValueError(f"state['position'] = {position} is past the schedule's end ({end})")
         history = state["history"]
         if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
             raise ValueError("state['history'] must be a list of dicts")
         calls = check_int(state.get("penalty_calls", 0), "state['penalty_calls']", minimum=0)
+        if self.policy is not None:
+            policy = state["policy"]
+            if not isinstance(policy, dict) or set(policy) != {"state", "steps"}:
+                raise ValueError("state['policy'] must be {'state': ..., 'steps': ...}")
+            steps = check_int(policy["steps"], "state['policy']['steps']", minimum=0)
+            self.policy.load_state_dict(policy["state"])  # validates before changing anything
+            self.policy_steps = steps
         self.position = position
         self.history = list(history)
         self.penalty_calls = calls
-        if self.position > 0:
+        if self.position > 0 and self.policy is None:
             set_theta(self.model, self.schedule(self.position - 1))
+
+
+_POLICY_METHODS = ("step", "penalty", "finish", "state_dict", "load_state_dict")
+
+
+def _is_policy(obj: Any) -> bool:
+    """A learned θ policy (duck-typed: DualAscentTheta, LearnedModulation or a user's own)."""
+    return not isinstance(obj, (str, Schedule)) and hasattr(obj, "layers") and all(
+        callable(getattr(obj, m, None)) for m in _POLICY_METHODS)
+
+
+def _check_policy(policy: Any, model: nn.Module) -> Any:
+    """The policy, if it drives exactly the relaxed layers of ``model``."""
+    mine = {id(m) for _, m in relaxed_modules(model)}
+    theirs = {id(layer) for _, layer in policy.layers}
+    if mine != theirs:
+        raise ValueError(f"the {type(policy).__name__} was built on another model (or before a change of "
+                         "its relaxed layers): build it on this model")
+    return policy

@@ -12,6 +12,7 @@ import relax_plugins as rp
 from relax_plugins import LinearRelaxation, Symmetry
 from relax_plugins.diagnostics import saved_tensor_bytes
 from relax_plugins.symmetry import group_defect, lie_defect
+from relax_plugins.lowrank import use_factors
 from relax_plugins.term import low_rank_apply, low_rank_moments, moment_penalties
 
 F64 = torch.float64
@@ -57,12 +58,15 @@ def assert_same_value_and_grads(got: tuple[Tensor, ...], ref: tuple[Tensor, ...]
 
 @pytest.mark.parametrize("with_theta", [False, True])
 @pytest.mark.parametrize("blocks", [0, 1, 3])
-def test_low_rank_apply_gradcheck(with_theta, blocks):
-    x = torch.randn(7, 6, dtype=F64, requires_grad=True)
-    A = torch.randn(2, 6, dtype=F64, requires_grad=True)
-    B = torch.randn(9, 2, dtype=F64, requires_grad=True)
+@pytest.mark.parametrize("d_in,d_out", [(6, 9), (42, 48)], ids=["narrow", "wide"])
+def test_low_rank_apply_gradcheck(with_theta, blocks, d_in, d_out):
+    # narrow: B·A is formed (cheaper there); wide: applied through the factors' own backward
+    assert use_factors(d_in, d_out, 2) == (d_in == 42)
+    x = torch.randn(7, d_in, dtype=F64, requires_grad=True)
+    A = torch.randn(2, d_in, dtype=F64, requires_grad=True)
+    B = torch.randn(d_out, 2, dtype=F64, requires_grad=True)
     th = torch.tensor(0.7, dtype=F64, requires_grad=True) if with_theta else None
-    M = None if blocks == 0 else torch.randn(9 // blocks, 6 // blocks, dtype=F64, requires_grad=True)
+    M = None if blocks == 0 else torch.randn(d_out // blocks, d_in // blocks, dtype=F64, requires_grad=True)
     inputs = tuple(t for t in (x, A, B, th, M) if t is not None)
 
     def f(*ts):
@@ -78,7 +82,7 @@ def test_low_rank_apply_gradcheck(with_theta, blocks):
         ref = ref + x @ torch.kron(torch.eye(blocks, dtype=F64), M).T
     assert_close(f(*inputs), ref)
     # leading batch axes are kept
-    assert low_rank_apply(torch.randn(3, 4, 6, dtype=F64), A, B).shape == (3, 4, 9)
+    assert low_rank_apply(torch.randn(3, 4, d_in, dtype=F64), A, B).shape == (3, 4, d_out)
 
 
 def test_low_rank_apply_under_bf16_autocast():

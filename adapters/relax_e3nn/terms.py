@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from relax_plugins import LinearRelaxation
 from relax_plugins.irreps import SchurProjection
 from relax_plugins.symmetry import OneGeneratorProjector
+from relax_plugins.lowrank import use_factors
 from relax_plugins.term import low_rank_apply, may_modify_inputs
 
 from .irreps import irrep_pairs, irreps_fibre, irreps_projection, irreps_symmetry
@@ -103,8 +104,8 @@ class E3nnRelaxation(LinearRelaxation):
         out = base(*args, **kwargs)
         self._x = x.detach()
         factors = self.factors()
-        if factors is not None:
-            # low rank through the factors: B·A is never formed, only x is saved for backward
+        if factors is not None and use_factors(x.shape[-1], self.irreps_out.dim, self.rank):
+            # wide low-rank layer, through the factors: B·A is never formed, only x is saved for backward
             delta = low_rank_apply(x, factors[0], factors[1], theta)
             result = out + self.from_fibre(delta, out)
             self._y = result.detach()

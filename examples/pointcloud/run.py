@@ -217,13 +217,14 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
     model = build_model(args.model, len(CLASSES), **model_kwargs(args))
     relaxed = opts["relax"]
     dual: Any = None
+    run = None
     if relaxed:
         rp.relax(model, adapters=["vn"], rank=opts["rank"])
         if opts["dual"]:
             # γ_i become parameters: after relax, before the optimiser is built
             dual = rp.DualAscentTheta(model, init=args.dual_init, dual_lr=args.dual_lr)
-        else:
-            sched = rp.schedules.as_schedule(opts["schedule"], total=args.steps)
+        run = rp.RelaxedTraining(model, dual if dual is not None else opts["schedule"], total=args.steps,
+                                 lie=opts["lie"], norm=opts["norm"], form=args.form)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     n_trained = sum(p.numel() for p in model.parameters())  # γ_i included for the dual arm
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / args.steps)))
@@ -239,20 +240,18 @@ def train_run(job: dict[str, Any]) -> dict[str, Any]:
     gamma_curve: list = []
     bar = tqdm(range(args.steps), desc=f"{arm} s{seed}", leave=False, disable=job.get("quiet", False))
     for i in bar:
-        if relaxed and dual is None:
-            rp.set_theta(model, sched(i))
+        if run is not None:
+            run.advance()
         idx = order[i * args.batch: (i + 1) * args.batch]
         t0 = time.perf_counter()
         logits = model(xtr[idx])
         loss = F.cross_entropy(logits, ytr[idx])
-        total = loss + (rp.penalty(model, lie=opts["lie"], norm=opts["norm"], form=args.form) if relaxed else 0.0)
-        if dual is not None:
-            total = total + dual.penalty()
+        total = loss + run.penalty() if run is not None else loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        if dual is not None:
-            dual.step()
+        if run is not None:
+            run.step()
         lr_sched.step()
         step_times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))

@@ -89,19 +89,18 @@ def train(arm: str, seed: int, data: dict, args: argparse.Namespace) -> dict:
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
-    theta_sched = rp.schedules.Triangular(total=args.steps)
+    run = (rp.RelaxedTraining(model, rp.schedules.Triangular(total=args.steps), lie=args.lie, norm=args.norm)
+           if relaxed else None)
     batches = torch.Generator().manual_seed(10_000 + seed)  # same batches in both arms
     x_tr, y_tr = data["x_train"], data["y_train"]
     best = {"val_error": float("inf")}
     curve, step_times, mid = [], [], {}
     for step in tqdm(range(args.steps), desc=f"{arm} seed {seed}", leave=False):
-        theta = theta_sched(step) if relaxed else 0.0
-        if relaxed:
-            rp.set_theta(model, theta)
+        theta = run.advance() if run is not None else 0.0
         idx = torch.randint(0, x_tr.shape[0], (args.batch,), generator=batches)
         t0 = time.perf_counter()
         loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
-        pen = rp.penalty(model, lie=args.lie, norm=args.norm) if relaxed else loss.new_zeros(())
+        pen = run.penalty() if run is not None else loss.new_zeros(())
         opt.zero_grad(set_to_none=True)
         (loss + pen).backward()
         opt.step()

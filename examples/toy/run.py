@@ -38,15 +38,15 @@ def train(relaxed: bool, seed: int, steps: int, data: dict, log: list) -> dict:
     if relaxed:
         rp.relax(model)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    sched = rp.schedules.Triangular(total=steps)
+    run = rp.RelaxedTraining(model, rp.schedules.Triangular(total=steps)) if relaxed else None
     best = (float("inf"), None)
     t0 = time.perf_counter()
     for step in tqdm(range(steps), desc=f"{'relaxed' if relaxed else 'standard'} seed {seed}", leave=False):
-        if relaxed:
-            rp.set_theta(model, sched(step))
+        if run is not None:
+            run.advance()
         idx = torch.randint(0, data["x_train"].shape[0], (64,))
         loss = (model(data["x_train"][idx]) - data["y_train"][idx]).square().mean()
-        pen = rp.penalty(model) if relaxed else torch.zeros(())
+        pen = run.penalty() if run is not None else torch.zeros(())
         opt.zero_grad()
         (loss + pen).backward()
         opt.step()
@@ -54,7 +54,7 @@ def train(relaxed: bool, seed: int, steps: int, data: dict, log: list) -> dict:
             with torch.no_grad():
                 val = float((model(data["x_val"]) - data["y_val"]).square().mean())
             if relaxed and step == steps // 2:
-                log.append((seed, sched(step), float(pen.detach()), equivariance_error(model, data["x_val"])))
+                log.append((seed, run.theta, float(pen.detach()), equivariance_error(model, data["x_val"])))
             # θ = 0 only at the last step, so only that checkpoint is exactly equivariant after projection
             if not relaxed or step == steps - 1:
                 if val < best[0]:
