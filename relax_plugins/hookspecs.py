@@ -62,7 +62,7 @@ def relax_make_term(
     ``PenaltyTerms(lie, norm, samples)``, and a term that declares ``can_merge = True`` must return
     from ``merge_delta(base, theta)`` a dict ``{key of base.state_dict(): tensor to add}`` of the
     right shapes (the core adds it; the term never writes into ``base``). What a term can do
-    (``can_merge``, ``batched_penalty``, ``supports_subgroup``) is declared on its class, never
+    (``can_merge``, ``batched_penalty``, ``subsampled_penalty``) is declared on its class, never
     inferred from which methods it overrides. Every option the user passes to this
     adapter must be read by it on this model (through ``options[...]``, ``options.get`` or ``in``),
     or relax() refuses it (a misspelt key, or one meant for layers the model does not hold).

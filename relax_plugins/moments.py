@@ -12,7 +12,7 @@ from .lowrank import low_rank_moments
 __all__ = ["PenaltyTerms", "moment_penalties"]
 
 if TYPE_CHECKING:
-    from .term import LinearRelaxation
+    from .linear import LinearRelaxation
 
 
 class PenaltyTerms(tuple):

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from ._checks import check_int, check_mapping, check_module, check_patterns, check_real
+from .contract import RelaxationTerm
 from .errors import AdapterError, AlreadyRelaxedError, NonFiniteError, NothingToRelaxError, UnknownAdapterError
 from .options import resolve_adapter_options
 from .plugins import AdapterCalls, AdapterFailure, adapter_names
 from .probe import normalize_example_inputs
 from .relaxed import relaxed_modules
-from .term import LinearRelaxation, RelaxationTerm
 from .wrapper import RelaxedModule, _floating_tensors
 
 __all__ = ["relax"]
@@ -67,8 +67,11 @@ def relax(
         exclude: skip layers whose qualified name matches one of these patterns (string or list).
         rank: low-rank W of this rank, an int >= 1 (None: dense W).
         init_std: std of a random initial dense W, a finite number >= 0 (0 keeps outputs unchanged).
-        penalty_samples: compute pointwise layers' penalties on at most this many recorded samples
-            (an evenly strided, rescaled subset: an estimate of the full sums); an int >= 1, None uses all.
+        penalty_samples: compute the penalties of layers whose terms declare ``subsampled_penalty``
+            (pointwise layers) on at most this many recorded samples each (an evenly strided subset,
+            rescaled: an estimate of the full sums; see :meth:`RelaxationTerm.sample_rows`); an int >= 1.
+            None keeps each term's own ``default_penalty_samples`` (all samples, except 256 fibres for
+            vector-neuron layers).
         adapter_options: options of the adapters, per adapter name: ``{"vn": {"vn_names": [...]},
             "e3nn": {"subgroup": "SO(3)"}}`` (see each adapter's ``relax_adapter_options`` hook, or
             ``relax_plugins.plugins.declared_options(name)``). Validated before anything changes: an
@@ -167,8 +170,8 @@ def relax(
             if found is not None:
                 adapter, term = found
                 _check_term(term, module, name, adapter, [t for _, _, _, t in targets])
-                if isinstance(term, LinearRelaxation):
-                    term.penalty_samples = penalty_samples
+                if term.subsampled_penalty:
+                    term.penalty_samples = term.default_penalty_samples if penalty_samples is None else penalty_samples
                 placement = _module_placement(module, name)
                 if placement is not None:
                     term = term.to(dtype=placement[0], device=placement[1])
@@ -200,9 +203,10 @@ def relax(
                 "(tied weights), but include/exclude (or an enclosing relaxed layer) select only some of its "
                 "uses: relax all of them or none. The model was not changed."
             )
-    if penalty_samples is not None and not any(isinstance(t, LinearRelaxation) for *_, t in targets):
-        raise ValueError("penalty_samples applies to pointwise layers (LinearRelaxation terms) and none of the "
-                         "recognised layers is one. The model was not changed.")
+    if penalty_samples is not None and not any(t.subsampled_penalty for *_, t in targets):
+        raise ValueError("penalty_samples applies to layers whose terms declare subsampled_penalty (pointwise "
+                         "layers: LinearRelaxation terms) and none of the recognised layers has one. The model "
+                         "was not changed.")
     unread = {a: sorted(set(values) - options[a].read) for a, values in user.items() if set(values) - options[a].read}
     if unread:
         raise ValueError(
@@ -264,6 +268,11 @@ def _check_term(term: Any, module: nn.Module, name: str, adapter: str, others: l
     own = {id(t) for t in (*module.parameters(), *module.buffers())}
     if term is module or any(id(t) in own for t in (*term.parameters(), *term.buffers())):
         raise AdapterError(f"{where} returned a term that holds the layer's own tensors. The model was not changed.")
+    if term.subsampled_penalty:
+        try:
+            check_int(term.default_penalty_samples, "default_penalty_samples", minimum=1, none_ok=True)
+        except (TypeError, ValueError) as exc:
+            raise AdapterError(f"{where} returned a term whose {exc}. The model was not changed.") from exc
     for pname, p in term.named_parameters():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise NonFiniteError(f"{where} returned a term whose {pname!r} is not finite. The model was not changed.")

@@ -183,7 +183,7 @@ def test_relaxed_toy_model_low_rank_equals_dense():
 def test_vn_penalty_through_factors_equals_dense(use_gram, group):
     vnp = pytest.importorskip("relax_vn.plugin")
     torch.manual_seed(3)
-    term = vnp.VNLinearRelaxation(4, 3, group=group, rank=2, penalty_rows=None).double()
+    term = vnp.VNLinearRelaxation(4, 3, group=group, rank=2, penalty_samples=None).double()
     term._use_gram_low_rank = lambda *a: use_gram
     with torch.no_grad():
         term.lora_b.normal_()

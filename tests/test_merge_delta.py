@@ -56,14 +56,27 @@ def _no_copies(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- declarations -------------------------------------------------------------------------------
 def test_defaults_and_declarations():
-    assert (RelaxationTerm.can_merge, RelaxationTerm.batched_penalty, RelaxationTerm.supports_subgroup) == (
+    assert CAPABILITIES == ("can_merge", "batched_penalty", "subsampled_penalty")
+    assert (RelaxationTerm.can_merge, RelaxationTerm.batched_penalty, RelaxationTerm.subsampled_penalty) == (
         False, False, False)
-    assert (LinearRelaxation.can_merge, LinearRelaxation.batched_penalty) == (False, True)
+    assert RelaxationTerm.default_penalty_samples is None
+    assert (LinearRelaxation.can_merge, LinearRelaxation.batched_penalty, LinearRelaxation.subsampled_penalty) == (
+        False, True, True)
     assert SO2Relaxation.can_merge and SO2Relaxation.batched_penalty
     term = rp.relax(nn.Sequential(SO2Linear(1, 1)))[0].term
     assert term.capabilities == frozenset(CAPABILITIES)
     term.can_merge = False
-    assert term.capabilities == frozenset({"batched_penalty", "supports_subgroup"})
+    assert term.capabilities == frozenset({"batched_penalty", "subsampled_penalty"})
+
+
+def test_supports_subgroup_is_no_longer_a_capability():
+    # a subgroup is each adapter's own option (adapter_options={"toy": {"subgroup": 2}}), read by the adapter
+    assert not hasattr(RelaxationTerm, "supports_subgroup") and "supports_subgroup" not in CAPABILITIES
+    with pytest.warns(DeprecationWarning, match="supports_subgroup"):
+        class Old(LinearRelaxation):
+            supports_subgroup = True
+    assert "supports_subgroup" not in Old(rp.Symmetry(2, 2, lie_in=torch.zeros(1, 2, 2),
+                                                      lie_out=torch.zeros(1, 2, 2))).capabilities
 
 
 def test_overriding_penalty_terms_without_a_declaration_is_not_batched():

@@ -113,3 +113,94 @@ def test_generator_sampling_is_unbiased(rank, monkeypatch):
     draws = torch.stack([term.penalty_terms().lie.detach() for _ in range(3000)])
     assert torch.equal(torch.get_rng_state(), state)
     assert abs(float(draws.mean() / exact.lie.detach()) - 1) < 0.03
+
+
+# -- sample subsampling: penalty_samples, one mechanism for every term that declares it -------------
+
+
+def test_sample_rows_are_strided_and_penalty_input_rescales_them():
+    term = sampled_layer(None)  # 30 recorded rows
+    x = term._x
+    assert term.subsampled_penalty and term.penalty_samples is None
+    assert term.sample_rows(x) is x and term.penalty_input()[0] is x
+    term.penalty_samples = 8  # every ⌈30/8⌉ = 4th row: 8 rows; a view, no copy
+    rows = term.sample_rows(x)
+    assert torch.equal(rows, x[::4]) and rows.data_ptr() == x.data_ptr()
+    scaled, n = term.penalty_input()
+    assert n == 30 and torch.equal(scaled, x[::4] * (30 / 8) ** 0.5)
+    term.penalty_samples = 7  # every 5th row: only 6 rows (at most m), rescaled by √(30/6)
+    scaled, n = term.penalty_input()
+    assert n == 30 and torch.equal(scaled, x[::5] * 5**0.5)
+    # the estimate's sums are the full sums' scale (one sample per recorded row)
+    full = sampled_layer(None).penalty_terms()
+    sub = term.penalty_terms()
+    assert sub.samples == full.samples == 30
+    assert 0.2 < float((sub.norm / full.norm).detach()) < 5
+
+
+class _SubsampledTerm(rp.RelaxationTerm):
+    """A term outside LinearRelaxation that declares the capability (and a default of its own)."""
+
+    subsampled_penalty = True
+    default_penalty_samples = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))
+
+    def forward(self, base, theta, *args, **kwargs):
+        return base(*args, **kwargs)
+
+
+class _PlainTerm(_SubsampledTerm):
+    subsampled_penalty = False
+
+
+class _TermAdapter:
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+    @rp.hookimpl
+    def relax_make_term(self, module):
+        return self.cls() if isinstance(module, SO2Linear) else None
+
+
+@pytest.fixture
+def term_adapter():
+    names: list[str] = []
+
+    def register(cls: type) -> str:
+        names.append(rp.register_adapter(_TermAdapter(cls), name=f"terms{len(names)}"))
+        return names[-1]
+
+    yield register
+    for name in names:
+        rp.unregister_adapter(name)
+
+
+def test_relax_sets_penalty_samples_on_every_declaring_term(term_adapter):
+    name = term_adapter(_SubsampledTerm)
+    model = rp.relax(nn.Sequential(SO2Linear(2, 2)), adapters=[name])
+    assert model[0].term.penalty_samples == 3  # the term's declared default
+    model = rp.relax(nn.Sequential(SO2Linear(2, 2)), adapters=[name], penalty_samples=11)
+    assert model[0].term.penalty_samples == 11  # the user's value overrides it
+
+
+def test_penalty_samples_refused_where_no_term_declares_it(term_adapter):
+    name = term_adapter(_PlainTerm)
+    model = nn.Sequential(SO2Linear(2, 2))
+    with pytest.raises(ValueError, match="subsampled_penalty"):
+        rp.relax(model, adapters=[name], penalty_samples=4)
+    assert type(model[0]) is SO2Linear  # unchanged
+    assert rp.relax(model, adapters=[name])[0].term.penalty_samples == 3  # not declared: left alone
+
+
+def test_a_bad_declared_default_is_an_adapter_error(term_adapter):
+    class Bad(_SubsampledTerm):
+        default_penalty_samples = 0
+
+    name = term_adapter(Bad)
+    model = nn.Sequential(SO2Linear(2, 2))
+    with pytest.raises(rp.AdapterError, match="default_penalty_samples"):
+        rp.relax(model, adapters=[name])
+    assert type(model[0]) is SO2Linear

@@ -4,7 +4,9 @@ structural detection on first-party layers and on an independently written VN la
 from __future__ import annotations
 
 import importlib.util
+import pickle
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -149,7 +151,7 @@ def test_projection_dtype_and_block_form(dtype):
 )
 def test_closed_form_penalty_matches_core_definition(use_gram, c_in, c_out, spatial, group):
     torch.manual_seed(len(spatial) + 7 * c_in + c_out)
-    term = vnp.VNLinearRelaxation(c_in, c_out, group=group, init_std=0.5, penalty_rows=None).double()
+    term = vnp.VNLinearRelaxation(c_in, c_out, group=group, init_std=0.5, penalty_samples=None).double()
     term._use_gram = lambda *a: use_gram
     base = nn.Linear(c_in, c_out, bias=False).double()
     x = torch.randn(2, c_in, 3, *spatial, dtype=torch.float64)
@@ -186,7 +188,7 @@ def test_penalty_zero_for_intertwiner_and_matches_finite_difference(dtype):
 
 
 def test_penalty_subsample_is_rescaled_strided_rows(dtype):
-    term = vnp.VNLinearRelaxation(3, 4, init_std=0.5, penalty_rows=40).to(dtype)
+    term = vnp.VNLinearRelaxation(3, 4, init_std=0.5, penalty_samples=40).to(dtype)
     base = nn.Linear(3, 4, bias=False).to(dtype)
     x = torch.randn(3, 3, 3, 50, dtype=dtype)  # 150 fibres, every 4th is used: 38 rows
     term(base, torch.tensor(0.5, dtype=dtype), x.transpose(1, -1))
@@ -196,8 +198,84 @@ def test_penalty_subsample_is_rescaled_strided_rows(dtype):
     ref = lie_defect(W, rows, term.symmetry).sum() * 150 / rows.shape[0]
     assert t.samples == 150 and rows.shape[0] == 38
     assert torch.allclose(t.lie, ref, rtol=1e-4 if dtype == torch.float32 else 1e-10)
-    with pytest.raises(ValueError, match="penalty_rows"):
-        vnp.VNLinearRelaxation(2, 2, penalty_rows=0)
+    with pytest.raises(ValueError, match="penalty_samples"):
+        vnp.VNLinearRelaxation(2, 2, penalty_samples=0)
+
+
+
+def _vn_model(**relax_kwargs) -> nn.Module:
+    torch.manual_seed(1)
+    model = rp.relax(nn.Sequential(VNLinearLeakyReLU(4, 8), VNLinear(8, 6)), adapters=["vn"], **relax_kwargs)
+    rp.set_theta(model, 0.4)
+    return model
+
+
+def _former_vn_penalty(term, m: int):
+    """What the former ``VNLinearRelaxation._penalty_rows`` gave for ``vn_penalty_rows = m``: the
+    penalty of every ⌈n/m⌉-th recorded fibre, its sums times n/k (k rows taken)."""
+    x, kept = term._x, term.penalty_samples
+    rows = x[:: -(-x.shape[0] // m)]
+    term._x, term.penalty_samples = rows, None
+    try:
+        t = term.penalty_terms()
+    finally:
+        term._x, term.penalty_samples = x, kept
+    scale = x.shape[0] / rows.shape[0]
+    return t.lie * scale, t.norm * scale, x.shape[0]
+
+
+@pytest.mark.parametrize("how", ["penalty_samples", "vn_penalty_rows", "default"])
+@pytest.mark.parametrize("rank", [None, 2], ids=["dense", "low-rank"])
+def test_penalty_samples_gives_the_former_vn_penalty_rows_values(how, rank, dtype):
+    """relax(penalty_samples=m) and the VN default (256) give, bit for bit, what vn_penalty_rows=m gave."""
+    m = 256 if how == "default" else 50
+    kwargs = {"rank": rank}
+    if how == "penalty_samples":
+        kwargs["penalty_samples"] = m
+    elif how == "vn_penalty_rows":
+        kwargs["adapter_options"] = {"vn": {"vn_penalty_rows": m}}
+    with pytest.warns(DeprecationWarning, match="vn_penalty_rows") if how == "vn_penalty_rows" else nullcontext():
+        model = _vn_model(**kwargs).to(dtype)
+    with torch.no_grad():
+        for _, layer in rp.relaxed_modules(model):
+            for p in layer.term.parameters():
+                p.normal_()
+    model(torch.randn(3, 4, 3, 290, dtype=dtype))  # 870 fibres: every 4th (m = 256), every 18th (m = 50)
+    for _, layer in rp.relaxed_modules(model):
+        term = layer.term
+        assert term.penalty_samples == m
+        t = term.penalty_terms()
+        lie, norm, n = _former_vn_penalty(term, m)
+        assert t.samples == n == 870
+        assert torch.equal(t.lie, lie) and torch.equal(t.norm, norm)
+
+
+def test_user_penalty_samples_overrides_the_vn_default():
+    def samples(model):
+        return {layer.term.penalty_samples for _, layer in rp.relaxed_modules(model)}
+
+    assert vnp.VNLinearRelaxation.default_penalty_samples == vnp.DEFAULT_PENALTY_SAMPLES == 256
+    assert samples(_vn_model()) == {256}
+    assert samples(_vn_model(penalty_samples=7)) == {7}
+    with pytest.warns(DeprecationWarning, match="vn_penalty_rows"):
+        assert samples(_vn_model(adapter_options={"vn": {"vn_penalty_rows": None}})) == {None}  # all fibres
+    with pytest.warns(DeprecationWarning, match="vn_penalty_rows"):
+        # the relax() argument wins over the deprecated option
+        assert samples(_vn_model(penalty_samples=7, adapter_options={"vn": {"vn_penalty_rows": 9}})) == {7}
+    with pytest.raises(ValueError, match="vn_penalty_rows"):
+        _vn_model(adapter_options={"vn": {"vn_penalty_rows": 0}})
+
+
+def test_a_term_pickled_with_penalty_rows_keeps_its_subsample():
+    term = vnp.VNLinearRelaxation(2, 3)
+    state = term.__getstate__()
+    # what a term pickled by the previous release holds: penalty_rows counted, penalty_samples was ignored
+    state.pop("default_penalty_samples")
+    state.update(penalty_rows=40, penalty_samples=None)
+    old = vnp.VNLinearRelaxation.__new__(vnp.VNLinearRelaxation)
+    old.__setstate__(state)
+    assert old.penalty_samples == old.default_penalty_samples == 40 and not hasattr(old, "penalty_rows")
+    assert pickle.loads(pickle.dumps(term)).penalty_samples == 256
 
 
 # -- layer behaviour -------------------------------------------------------------------------

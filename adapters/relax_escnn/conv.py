@@ -142,7 +142,6 @@ class ConvRelaxation(RelaxationTerm):
 
     _recorded_attrs = ("_x", "_y_norm", "_samples")
     can_merge = True  # K's least-squares coefficients add to the conv's ``weights``
-    supports_subgroup = True  # R2Conv/R3Conv (transposed convolutions refuse a subgroup)
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from relax_plugins.term import may_modify_inputs
 
 from .probe import ModuleLayout
-from .terms import DEFAULT_PENALTY_ROWS, VNLinearRelaxation
+from .terms import DEFAULT_PENALTY_SAMPLES, VNLinearRelaxation
 
 __all__ = ["VNModuleRelaxation"]
 
@@ -26,7 +26,7 @@ class VNModuleRelaxation(VNLinearRelaxation):
 
     Args:
         layout: the module's axes and channels.
-        group, rank, init_std, penalty_rows: as :class:`VNLinearRelaxation`.
+        group, rank, init_std, penalty_samples: as :class:`VNLinearRelaxation`.
 
     Example:
         >>> import torch
@@ -42,9 +42,9 @@ class VNModuleRelaxation(VNLinearRelaxation):
         group: str = "SO(3)",
         rank: int | None = None,
         init_std: float = 0.0,
-        penalty_rows: int | None = DEFAULT_PENALTY_ROWS,
+        penalty_samples: int | None = DEFAULT_PENALTY_SAMPLES,
     ) -> None:
-        super().__init__(layout.c_in, layout.c_out, group, rank, init_std, penalty_rows)
+        super().__init__(layout.c_in, layout.c_out, group, rank, init_std, penalty_samples)
         self.layout = layout
 
     def take_input(self, args: tuple, kwargs: dict) -> Tensor:

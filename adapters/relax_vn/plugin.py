@@ -36,27 +36,34 @@ Options (``relax(model, adapter_options={"vn": {...}})``, see :func:`relax_adapt
     ``vn_group``: "SO(3)" (default, the paper) or "O(3)" (adds the mirror diag(-1, 1, 1) as a discrete
     generator; VN layers are reflection-equivariant, the intertwiner space is the same);
     ``vn_names``: extra Linear attribute names accepted by the name fallback;
-    ``vn_penalty_rows``: fibres per layer and step the penalties are estimated on (default 256,
-    None for all; an evenly strided subsample, sums rescaled to all fibres);
-    ``vn_input_axis``: the xyz axis of the example inputs for the probe (default: found by trying).
+    ``vn_input_axis``: the xyz axis of the example inputs for the probe (default: found by trying);
+    ``vn_penalty_rows``: deprecated (``DeprecationWarning``; removed in the next release), the VN layers'
+    default ``penalty_samples`` (None: all fibres); pass ``relax(model, penalty_samples=m)`` instead.
+
+The penalties of VN layers are estimated on at most ``penalty_samples`` evenly strided fibres per
+layer and step, sums rescaled to all fibres (the core's mechanism for every pointwise layer): 256 unless
+``relax(model, penalty_samples=m)`` says otherwise.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
 
 from relax_plugins import AdapterOption, hookimpl
+from relax_plugins._checks import check_int
 from relax_plugins.irreps import so3_basis
 
 from .detect import VN_LINEAR_NAMES, _structural_verdict, vn_linear_names
 from .module_terms import VNModuleRelaxation
 from .probe import VNProbe, probe_vn
-from .terms import DEFAULT_PENALTY_ROWS, VNLinearRelaxation, vn_symmetry
+from .terms import DEFAULT_PENALTY_ROWS, DEFAULT_PENALTY_SAMPLES, VNLinearRelaxation, vn_symmetry
 
 __all__ = [
     "VN_LINEAR_NAMES",
+    "DEFAULT_PENALTY_SAMPLES",
     "DEFAULT_PENALTY_ROWS",
     "VNLinearRelaxation",
     "VNModuleRelaxation",
@@ -67,6 +74,32 @@ __all__ = [
     "relax_observe",
     "relax_adapter_info",
 ]
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "unset"
+
+
+# the default of vn_penalty_rows: None is a value of its own there (all fibres)
+_UNSET = _Unset()
+
+
+def _check_penalty_rows(value: Any) -> None:
+    check_int(value, "vn_penalty_rows", minimum=1, none_ok=True)
+
+
+def _deprecated_penalty_rows(value: Any) -> int | None:
+    """The VN terms' default ``penalty_samples``: the deprecated ``vn_penalty_rows`` where given."""
+    if value is _UNSET:
+        return DEFAULT_PENALTY_SAMPLES
+    warnings.warn(
+        "adapter option vn.vn_penalty_rows is deprecated and will be removed in the next release: pass "
+        "relax(model, penalty_samples=m) (it sets the same subsampling for every pointwise layer)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return value
 
 
 @hookimpl
@@ -104,7 +137,7 @@ def relax_make_term(
             "group": options.get("vn_group", "SO(3)"),
             "rank": options.get("rank"),
             "init_std": options.get("init_std", 0.0),
-            "penalty_rows": options.get("vn_penalty_rows", DEFAULT_PENALTY_ROWS),
+            "penalty_samples": _deprecated_penalty_rows(options.get("vn_penalty_rows", _UNSET)),
         }
 
     probe: VNProbe | None = options.get("vn_probe")
@@ -142,9 +175,9 @@ def relax_adapter_options() -> dict[str, AdapterOption]:
     return {
         "vn_group": AdapterOption(str, "SO(3)", '"SO(3)" (the paper) or "O(3)" (adds the mirror)'),
         "vn_names": AdapterOption((list, tuple), (), "extra Linear attribute names the name fallback accepts"),
-        "vn_penalty_rows": AdapterOption((int, type(None)), DEFAULT_PENALTY_ROWS,
-                                         "fibres per layer and step the penalties are estimated on (None: all)"),
         "vn_input_axis": AdapterOption(int, None, "xyz axis of the example inputs for the probe (default: tried)"),
+        "vn_penalty_rows": AdapterOption(_check_penalty_rows, _UNSET,
+                                         "deprecated: pass relax(model, penalty_samples=m) (None here: all fibres)"),
     }
 
 

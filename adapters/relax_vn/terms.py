@@ -8,17 +8,20 @@ import torch
 from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation, PenaltyTerms, Symmetry
+from relax_plugins._checks import check_int
 from relax_plugins.irreps import Fibre, SchurProjection, so3_basis
 from relax_plugins.symmetry import KronGenerators
 from relax_plugins.term import low_rank_apply, may_modify_inputs
 
-__all__ = ["DEFAULT_PENALTY_ROWS", "VNLinearRelaxation", "vn_symmetry"]
+__all__ = ["DEFAULT_PENALTY_SAMPLES", "DEFAULT_PENALTY_ROWS", "VNLinearRelaxation", "vn_symmetry"]
 
 _GROUPS = ("SO(3)", "O(3)")
 
 
 #: fibres per layer and step that the penalties are estimated on (None: all); see VNLinearRelaxation
-DEFAULT_PENALTY_ROWS = 256
+DEFAULT_PENALTY_SAMPLES = 256
+#: the name of earlier releases (deprecated, like the option ``vn_penalty_rows``)
+DEFAULT_PENALTY_ROWS = DEFAULT_PENALTY_SAMPLES
 
 
 def _mirror(dtype: torch.dtype | None = None) -> Tensor:
@@ -62,8 +65,9 @@ class VNLinearRelaxation(LinearRelaxation):
     FLOPs times 3) instead of the base GEMM plus a second one; with a low-rank W = B·A it runs as one
     autograd node computing (I_3 ⊗ M)x + θ·B(Ax) at the base FLOPs plus O(r) per fibre, saving only x
     for backward; at θ = 0 it calls the base Linear unchanged. The penalties are estimated on at most
-    ``penalty_rows`` evenly strided fibres of the recorded input (sums rescaled to all fibres, so every
-    penalty form keeps its meaning), either directly or through the Gram matrix G = Σ x xᵀ as Σ_k tr(L_k
+    ``penalty_samples`` evenly strided fibres of the recorded input (the core's
+    :meth:`~relax_plugins.RelaxationTerm.sample_rows`; sums rescaled to all fibres, so every penalty
+    form keeps its meaning), either directly or through the Gram matrix G = Σ x xᵀ as Σ_k tr(L_k
     G L_kᵀ) with L_k = W A_k − A_k W, whichever takes fewer FLOPs: on all B·N fibres the Gram matrix
     alone would cost more than the layer whenever 3·C_in > C_out. A low-rank W's penalties go through
     its factors (cost O(r), B·A never formed).
@@ -74,7 +78,8 @@ class VNLinearRelaxation(LinearRelaxation):
         group: "SO(3)" or "O(3)".
         rank: low-rank W (see :class:`relax_plugins.LinearRelaxation`).
         init_std: std of a random initial dense W.
-        penalty_rows: fibres the penalties are estimated on per step (None: all of them).
+        penalty_samples: this term's default number of fibres the penalties are estimated on per step
+            (None: all of them); ``relax(model, penalty_samples=m)`` overrides it.
         axes: xyz axis of the Linear's input per input rank, as observed by a probe
             (:func:`relax_vn.probe.probe_vn`); None: the ``x.transpose(1, -1)`` rule (axis 1 for
             rank 3, axis 2 otherwise).
@@ -88,7 +93,9 @@ class VNLinearRelaxation(LinearRelaxation):
     """
 
     can_merge = True  # θ·P(W) = I_3 ⊗ M: M adds to the channel Linear's weight
-    batched_penalty = False  # its own penalty_terms (strided rows, Gram or direct)
+    batched_penalty = False  # its own penalty_terms (sampled rows, Gram or direct)
+    # all B·N fibres would make the Gram matrix alone cost more than the layer (see above)
+    default_penalty_samples = DEFAULT_PENALTY_SAMPLES
 
     def __init__(
         self,
@@ -97,15 +104,15 @@ class VNLinearRelaxation(LinearRelaxation):
         group: str = "SO(3)",
         rank: int | None = None,
         init_std: float = 0.0,
-        penalty_rows: int | None = DEFAULT_PENALTY_ROWS,
+        penalty_samples: int | None = DEFAULT_PENALTY_SAMPLES,
         axes: dict[int, int] | None = None,
     ) -> None:
         super().__init__(vn_symmetry(c_in, c_out, group), rank=rank, init_std=init_std)
         self.axes = None if axes is None else {int(k): int(v) for k, v in axes.items()}
-        if penalty_rows is not None and int(penalty_rows) < 1:
-            raise ValueError(f"vn_penalty_rows must be None or >= 1, got {penalty_rows}")
+        penalty_samples = check_int(penalty_samples, "penalty_samples", minimum=1, none_ok=True)
+        # an instance default: what relax() keeps unless the user passes penalty_samples
+        self.default_penalty_samples = self.penalty_samples = penalty_samples
         self.c_in, self.c_out, self.group = int(c_in), int(c_out), group
-        self.penalty_rows = None if penalty_rows is None else int(penalty_rows)
         # xyz-major fibres j·C + c: C copies of the vector irrep in the component-major layout
         self._fibre_in, self._fibre_out = Fibre([(self.c_in, 1, -1)], "ir_mul"), Fibre([(self.c_out, 1, -1)], "ir_mul")
         self._schur = SchurProjection(self._fibre_in, self._fibre_out)
@@ -113,6 +120,12 @@ class VNLinearRelaxation(LinearRelaxation):
         self.register_buffer(
             "mirror3", _mirror() if group == "O(3)" else torch.zeros(0, 3, 3), persistent=False
         )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # pickled before VN layers used penalty_samples: their own penalty_rows was what counted
+        if "penalty_rows" in state:
+            state["default_penalty_samples"] = state["penalty_samples"] = state.pop("penalty_rows")
+        super().__setstate__(state)
 
     # -- layout --------------------------------------------------------------------------------
     def xyz_axis(self, ndim: int) -> int:
@@ -193,16 +206,6 @@ class VNLinearRelaxation(LinearRelaxation):
         """(A ⊗ I_Cout) applied to each row of y, (n, 3·C_out)."""
         return self._fibre_out.apply(lambda l: A, y)
 
-    def _penalty_rows(self) -> Tensor:
-        """The recorded fibres the penalty is computed on: all, or an evenly strided subset of at
-        most ``penalty_rows`` (an estimate of the per-sample mean; the sums are rescaled)."""
-        x = self._recorded()
-        m = self.penalty_rows
-        if m is None or x.shape[0] <= m:
-            return x
-        stride = -(-x.shape[0] // m)  # ceil: rows are (batch, points...) ordered, stride spans them all
-        return x[::stride]
-
     @staticmethod
     def _use_gram(n: int, d_in: int, d_out: int, k: int) -> bool:
         # same value two ways; pick the cheaper: a Gram matrix costs n·d_in² once plus
@@ -239,7 +242,7 @@ class VNLinearRelaxation(LinearRelaxation):
 
     def penalty_terms(self) -> PenaltyTerms:
         x_all = self._recorded()
-        x = self._penalty_rows()
+        x = self.sample_rows(x_all)
         gens = (*self.gens3, *self.mirror3)
         factors = self.factors()
         if factors is not None:
