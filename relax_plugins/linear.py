@@ -105,13 +105,16 @@ class LinearRelaxation(RelaxationTerm):
         W = self.weight if self.rank is None else self.lora_b @ self.lora_a
         return W if self.subgroup is None else self.subgroup(W)
 
-    def apply_weight(self, v: Tensor) -> Tensor:
-        """W applied to the last axis of ``v``."""
-        if self.subgroup is not None:
-            return v @ self.dense().T
-        if self.rank is None:
-            return v @ self.weight.T
-        return low_rank_apply(v, self.lora_a, self.lora_b)
+    def apply_weight(self, v: Tensor, theta: Tensor | None = None) -> Tensor:
+        """W (or θ·W) applied to the last axis of ``v``.
+
+        θ scales the (d_out, d_in) matrix, not the (n, d_out) product: one small multiplication
+        instead of a pass over the activations, forward and backward.
+        """
+        if self.subgroup is not None or self.rank is None:
+            W = self.dense() if self.subgroup is not None else self.weight
+            return v @ (W if theta is None else theta.to(W.dtype) * W).T
+        return low_rank_apply(v, self.lora_a, self.lora_b, theta)
 
     def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Any:
         # x is read before the base layer runs: an in-place update of the argument (x.add_(...))
@@ -120,9 +123,8 @@ class LinearRelaxation(RelaxationTerm):
         if may_modify_inputs(base, self.pure_bases):
             x = x.clone()
         out = base(*args, **kwargs)
-        wx = self.apply_weight(x)
         y = self.output_tensor(out)
-        result = y + theta.to(wx.dtype) * self.from_fibre(wx, y)
+        result = y + self.from_fibre(self.apply_weight(x, theta), y)  # from_fibre is a layout map: linear
         self.record(x, result)
         return self.replace_output(out, result)
 

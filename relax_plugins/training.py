@@ -216,7 +216,8 @@ class RelaxedTraining:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; a state of another run (other keys, schedule or position past the
         end) raises before anything changes."""
-        if not isinstance(state, dict) or set(state) - {"penalty_calls", "policy"} != {"position", "history", "schedule"}:
+        required, optional = {"position", "history", "schedule"}, {"penalty_calls", "policy"}
+        if not isinstance(state, dict) or set(state) - optional != required:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"not a RelaxedTraining state: expected keys ['history', 'position', 'schedule'], "
                              f"got {got}")

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 import relax_plugins as rp
 from relax_plugins import LinearRelaxation, Symmetry
 from relax_plugins.diagnostics import saved_tensor_bytes
-from relax_plugins.symmetry import group_defect, lie_defect
 from relax_plugins.lowrank import use_factors
+from relax_plugins.symmetry import group_defect, lie_defect
 from relax_plugins.term import low_rank_apply, low_rank_moments, moment_penalties
 
 F64 = torch.float64

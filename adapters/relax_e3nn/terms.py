@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation
 from relax_plugins.irreps import SchurProjection
-from relax_plugins.symmetry import OneGeneratorProjector
 from relax_plugins.lowrank import use_factors
+from relax_plugins.symmetry import OneGeneratorProjector
 from relax_plugins.term import low_rank_apply, may_modify_inputs
 
 from .irreps import irrep_pairs, irreps_fibre, irreps_projection, irreps_symmetry

@@ -205,12 +205,11 @@ class PygRelaxation(LinearRelaxation):
         if len(self.spec.inputs) == 1 and not self.spec.inputs[0][2].is_pos and may_modify_inputs(base):
             x = x.clone()
         out = base(*args, **kwargs)
-        wx = self.apply_weight(x)
+        wx = self.apply_weight(x, theta)  # θ·W·x: θ scales the small matrix
         outs = list(out) if self.spec.is_tuple else [out]
         if len(outs) != len(self.spec.outputs):
             raise ValueError(f"layer returned {len(outs)} outputs, the declaration lists {len(self.spec.outputs)}")
         deltas = iter(wx.split(self._out_sizes, dim=-1))
-        th = theta.to(wx.dtype)
         new_flat = []
         for i, f in enumerate(self.spec.outputs):
             if f is None:
@@ -220,7 +219,7 @@ class PygRelaxation(LinearRelaxation):
             if self._per_node(y).shape != delta.shape:
                 raise ValueError(f"output {i} has shape {tuple(y.shape)}, not {f.dim} features per node ({f.irreps!r}) "
                                  f"for the {delta.shape[0]} nodes of the inputs")
-            outs[i] = y + th * delta.reshape(y.shape)
+            outs[i] = y + delta.reshape(y.shape)
             new_flat.append(self._per_node(outs[i]))
         # only detached tensors are kept (the core's penalty recomputes W·x on them, so that its
         # gradient reaches W only; a non-leaf here would also break deepcopy of the model)

@@ -81,7 +81,7 @@ class VNModuleRelaxation(VNLinearRelaxation):
         if not isinstance(out, Tensor):
             raise ValueError(f"relax_vn: a relaxed VN layer module must return a tensor, got {type(out).__name__}")
         if bool(theta != 0):
-            out = out + theta.to(out.dtype) * self.from_fibre(self.apply_weight(xf), out)
+            out = out + self.from_fibre(self.apply_weight(xf, theta), out)
         self._y = out.detach()
         return out
 

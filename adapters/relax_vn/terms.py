@@ -189,7 +189,7 @@ class VNLinearRelaxation(LinearRelaxation):
             if may_modify_inputs(base):
                 xf = xf.clone()  # read before the base layer runs (in-place updates must not reach W·x)
             out = base(*args, **kwargs)
-            out = out + theta.to(out.dtype) * self.from_fibre(self.apply_weight(xf), out)
+            out = out + self.from_fibre(self.apply_weight(xf, theta), out)
         self._y = out.detach()
         return out
 
