@@ -7,25 +7,31 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["low_rank_apply", "low_rank_moments", "use_factors", "FACTORED_MIN_RATIO"]
+__all__ = ["low_rank_apply", "low_rank_moments", "use_factors", "FACTORED_MIN_RATIO", "FUSED_FACTORED_MIN_RATIO"]
 
 
 #: use the factors when dense W·x costs at least this many times the factored FLOPs, r·(d_in + d_out);
 #: below it, skinny (r-wide) GEMMs are memory-bound and B·A formed once is as fast as a dense W.
 #: Measured on one CPU core (n = 500–20000, d = 24–384, r = 4–8): the factored path won 2–4× at
 #: ratios 12–24, tied at 6–7 and lost up to 2× at 3–5, where forming B·A matched dense W to ±5 %.
-FACTORED_MIN_RATIO = 8.0
+FACTORED_MIN_RATIO = 10.0
+#: the same threshold when a block-diagonal base map (I ⊗ M) is fused in (vector neurons): the dense
+#: alternative then also carries the base map in one GEMM, and the factored path won only from ~16 on
+#: (VN-PointNet's layers: 2× slower at 1.6–6, 1.7× at 13, 1.1× faster at 16, 1.2× at 32)
+FUSED_FACTORED_MIN_RATIO = 16.0
 
 
-def use_factors(d_in: int, d_out: int, rank: int) -> bool:
+def use_factors(d_in: int, d_out: int, rank: int, fused_base: bool = False) -> bool:
     """Whether a rank-``rank`` W on a (d_in → d_out) layer is cheaper applied through its factors
-    than formed as B·A (see :data:`FACTORED_MIN_RATIO`).
+    than formed as B·A (see :data:`FACTORED_MIN_RATIO`; ``fused_base``: with a fused block-diagonal
+    base map, :data:`FUSED_FACTORED_MIN_RATIO`).
 
     Example:
         >>> use_factors(384, 384, 8), use_factors(40, 40, 4)
         (True, False)
     """
-    return d_in * d_out >= FACTORED_MIN_RATIO * rank * (d_in + d_out)
+    ratio = FUSED_FACTORED_MIN_RATIO if fused_base else FACTORED_MIN_RATIO
+    return d_in * d_out >= ratio * rank * (d_in + d_out)
 
 
 class _LowRankApply(torch.autograd.Function):
@@ -85,8 +91,8 @@ def low_rank_apply(
 
     Wide layers (:func:`use_factors`) go through the factors: B·A is never formed and only ``x``
     and the factors are saved for backward, O(n·r·(d_in + d_out)) time. Narrow ones form B·A once
-    (d_out·r·d_in FLOPs) and apply it as a dense W would, which is faster there; the result is the
-    same map either way.
+    (d_out·r·d_in FLOPs; with ``M``, I ⊗ M + θ·B·A) and apply it as a dense W would, which is
+    faster there; the result is the same map either way.
 
     Args:
         x: (..., d_in) inputs.
@@ -109,8 +115,10 @@ def low_rank_apply(
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     r, d_in = A.shape
-    if M is None and not use_factors(d_in, B.shape[0], r):
+    if not use_factors(d_in, B.shape[0], r, fused_base=M is not None):
         W = B @ A if theta is None else theta.to(A.dtype) * (B @ A)
+        if M is not None:
+            W = torch.kron(torch.eye(blocks, dtype=M.dtype, device=M.device), M) + W
         out = flat @ W.T
     else:
         out = _LowRankApply.apply(flat, A, B, theta, M, blocks)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation, PenaltyTerms, Symmetry
 from relax_plugins.irreps import Fibre, FibreGenerators, SchurProjection
+from relax_plugins.lowrank import use_factors
 from relax_plugins.term import may_modify_inputs
 
 from .spec import ResolvedSpec
@@ -233,8 +234,9 @@ class PygRelaxation(LinearRelaxation):
     # -- penalty -------------------------------------------------------------------------------
     def _apply_columns(self, v: Tensor, cols: Tensor) -> Tensor:
         """W[:, cols] applied to the last axis of ``v``."""
-        if self.rank is None:
-            return v @ self.weight[:, cols].T
+        sym = self.symmetry
+        if self.rank is None or not use_factors(sym.dim_in, sym.dim_out, self.rank):
+            return v @ self.dense()[:, cols].T  # narrow low-rank layers too: B·A once is cheaper there
         return (v @ self.lora_a[:, cols].T) @ self.lora_b.T
 
     def penalty_terms(self) -> PenaltyTerms:
