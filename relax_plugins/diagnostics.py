@@ -19,24 +19,25 @@ __all__ = ["equivariance_report", "format_report", "save_report", "plot_report",
 
 
 def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
-    """Bytes of the tensors autograd saves for backward while ``fn()`` runs: the training memory that
-    grows with the batch (a CPU stand-in for peak GPU memory).
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs: the training
+    memory that grows with the batch (a CPU stand-in for peak GPU memory). A tensor saved by several
+    operations (a layer's input, kept by the layer and by W·x) is one allocation and counts once.
 
     Example:
         >>> x = torch.randn(4, 3, requires_grad=True)
-        >>> saved_tensor_bytes(lambda: (x * x).sum())   # x saved twice, 12 float32 each
-        96
+        >>> saved_tensor_bytes(lambda: (x * x).sum())   # x saved twice: one storage of 12 float32
+        48
     """
-    total = 0
+    storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return total
+    return sum(storages.values())
 
 LAYER_COLUMNS = ("theta", "relax_ratio", "lie_defect", "rel_weight_error", "rel_output_error")
 
