@@ -44,8 +44,10 @@ class RelaxationTerm(nn.Module):
       core never calls it and ``project(merge=True)`` drops W with a warning.
     * :attr:`batched_penalty`: the penalty may be computed by the core's batched moment path
       together with other layers of equal shapes (:class:`LinearRelaxation` terms that keep the
-      default ``penalty_terms``). A subclass that overrides ``penalty_terms`` without declaring
-      ``batched_penalty`` in its own class body gets False.
+      default ``penalty_terms``; a term declaring it provides LinearRelaxation's ``batchable_penalty``,
+      ``penalty_input``, ``factors``, ``dense``, ``sample_generators`` and ``symmetry``). A subclass
+      that overrides ``penalty_terms`` without declaring ``batched_penalty`` in its own class body
+      gets False.
     * :attr:`subsampled_penalty`: ``penalty_terms`` estimates its sums over samples on the rows
       :meth:`sample_rows` picks, so it honours :attr:`penalty_samples`. ``relax()`` sets
       ``penalty_samples`` on such terms only: the user's ``relax(..., penalty_samples=m)``, else the

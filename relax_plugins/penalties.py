@@ -129,7 +129,8 @@ def _all_penalty_terms(layers: list[tuple[str, RelaxedModule]]) -> list[tuple[st
         if recorded and not any(isinstance(v, Tensor) for v in recorded.values()):
             raise RelaxError(f"penalty: layer {name or '<root>'!r} ({type(layer.base).__name__}) has not run a "
                              "forward pass yet: run the model on a batch before penalty()")
-        key = term.batchable_penalty() if isinstance(term, LinearRelaxation) else None
+        # the declared capability decides; batchable_penalty() may still decline for this batch
+        key = term.batchable_penalty() if term.batched_penalty else None
         if key is None:
             out.append((name, _check_penalty_terms(term.penalty_terms(), name, layer)))
         else:
