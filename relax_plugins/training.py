@@ -142,8 +142,16 @@ class RelaxedTraining:
         return value
 
     def step(self) -> None:
-        """After ``optimizer.step()``: the learned policy's update of θ (nothing with a schedule)."""
+        """After ``optimizer.step()``: the learned policy's update of θ (nothing with a schedule).
+
+        Raises:
+            RuntimeError: with a learned policy, a second call without :meth:`advance` in between (the
+                policy would update θ twice for one optimiser step).
+        """
         if self.policy is not None:
+            if self.policy_steps >= self.position:
+                raise RuntimeError("RelaxedTraining.step() once per advance(): call run.advance() at the start "
+                                   "of every training step and run.step() after its optimizer.step()")
             self.policy.step()
             self.policy_steps += 1
 

@@ -96,6 +96,15 @@ def test_forgetting_step_with_a_policy_is_an_error_and_harmless_with_a_schedule(
     run.advance()
     with pytest.raises(RuntimeError, match=r"run\.step\(\)"):
         run.advance()
+    fresh = make_model()
+    twice = rp.RelaxedTraining(fresh, rp.DualAscentTheta(fresh, dual_lr=1e-2))
+    with pytest.raises(RuntimeError, match="once per advance"):
+        twice.step()  # before any advance()
+    twice.advance()
+    fresh(torch.randn(4, 6))
+    twice.step()
+    with pytest.raises(RuntimeError, match="once per advance"):
+        twice.step()
     scheduled = rp.RelaxedTraining(make_model(), "triangular", total=3)
     values = []
     for _ in range(3):
