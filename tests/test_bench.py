@@ -10,7 +10,12 @@ pytestmark = pytest.mark.slow
 def test_overhead_benchmark_runs(tmp_path):
     from examples.bench import overhead
 
-    results = overhead.main(["--steps", "3", "--out", str(tmp_path)])
-    assert (tmp_path / "overhead.json").exists() and (tmp_path / "overhead.png").exists()
+    results = overhead.main(["--steps", "2", "--out", str(tmp_path)])
+    assert all((tmp_path / f"overhead.{ext}").exists() for ext in ("json", "png", "md"))
+    assert len(results) == 5  # SEGNN, EGNN, VN-PointNet, VN-DGCNN, C8 CNN
     for r in results:
         assert r["inference_identical_outputs"] and r["projected_classes_match"] and r["projected_keys_match"]
+        assert {row["penalty_every"] for row in r["arms"].values()} == {0, 1, 4}
+        # with the penalty every 4th step its amortised cost is a quarter of the every-step arm's
+        dense, every4 = r["arms"]["relaxed"], r["arms"]["relaxed, penalty every 4"]
+        assert every4["penalty_ms"] == dense["penalty_ms"] / 4
