@@ -72,12 +72,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the published protocol: 3000 trajectories, 1000 epochs of batch 100, Adam lr 5e-4, no lr schedule (GPU)
     "gpu": dict(n_train=3000, n_valid=2000, n_test=2000, steps=30000, batch=100, lr=5e-4, hidden="64x0e + 32x1o",
                 layers=4, eval_every=300, seeds=3, workers=1, lr_schedule="none", arms=EVIDENCE_ARMS,
-                checkpoint_every=1000),
+                checkpoint_every=1000, timing_steps=0),
     # the published protocol's length and optimiser on CPU, with the CPU-sized model (≈ 30 min/run/core);
     # resumable: every finished run writes its JSON, a running one checkpoints every `checkpoint_every` steps
     "paper": dict(n_train=3000, n_valid=1000, n_test=2000, steps=30000, batch=100, lr=5e-4, hidden="16x0e + 8x1o",
                   layers=4, eval_every=500, seeds=3, workers=2, lr_schedule="none", arms=EVIDENCE_ARMS,
-                  checkpoint_every=500, out="docs/evidence/nbody_paper",
+                  checkpoint_every=500, out="docs/evidence/nbody_paper", timing_steps=0,
                   evidence="docs/evidence/nbody_paper_length.json"),
 }
 
@@ -651,7 +651,9 @@ def summarise(runs: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[str, di
 
 def format_table(summary: dict[str, dict[str, Any]], cfg: Config, timing: dict[str, float] | None) -> str:
     """A plain-text comparison table (arms × metrics)."""
-    std_step = summary.get("standard", {}).get("median_step_s")
+    # per-run step times are ratios only when the runs shared one load (an interleaved timing phase
+    # measures that); resumed or paused runs across sessions are not comparable
+    std_step = summary.get("standard", {}).get("median_step_s") if cfg.timing_steps else None
     head = (f"{'arm':<15} {'θ / variant':<30} {'test MSE (mean ± std)':<24} {'equiv. err':>10} "
             f"{'max relaxed err':>15} {'Lie pen max/final':>19} {'norm pen max':>12} {'step ms':>8} {'ratio':>6}")
     lines = [head, "-" * len(head)]
@@ -755,7 +757,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     """
     cfg = _config_of(result)
     summary = result["summary"]
-    std_step = summary.get("standard", {}).get("median_step_s")
+    std_step = summary.get("standard", {}).get("median_step_s") if cfg.timing_steps else None  # see format_table
     lines = ["| arm | θ / variant | test MSE (mean ± std) | seeds | equivariance error (projected) | "
              "max equivariance error while relaxed | Lie penalty max / final | step time | vs standard |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
