@@ -34,15 +34,15 @@ from .relaxed import (  # noqa: F401
 )
 from .relaxing import _check_term, _matches, _module_placement, _TrackedOptions, relax  # noqa: F401
 
-__all__ = [
-    "relax",
-    "project",
-    "set_theta",
+__all__ = [  # sorted (ruff RUF022)
+    "PENALTY_FORMS",
     "get_theta",
     "penalty",
-    "relaxed_modules",
-    "projection_report",
-    "projected_state_dict",
     "preserved_state",
-    "PENALTY_FORMS",
+    "project",
+    "projected_state_dict",
+    "projection_report",
+    "relax",
+    "relaxed_modules",
+    "set_theta",
 ]
