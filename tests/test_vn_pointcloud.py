@@ -113,6 +113,14 @@ def test_quick_benchmark_run_writes_results(tmp_path):
     assert again["summary"] == result["summary"]
     run.main(["--quick", "--out", str(tmp_path), "--timing-steps", "0", "--arms", "standard", "--lr", "1e-3"])
     assert len(list((tmp_path / "runs").glob("*.json"))) == len(run.DEFAULT_ARMS) + 1
+    # --report-only trains nothing: finished runs are summarised, missing ones listed
+    report = run.main(["--quick", "--out", str(tmp_path), "--report-only"])
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    assert report["summary"] == result["summary"] and report["runs_remaining"] == []
+    partial = run.main(["--quick", "--out", str(tmp_path), "--report-only", "--arms", "standard,dual"])
+    assert list(partial["summary"]) == ["standard"] and partial["runs_remaining"] == ["dual/seed0"]
+    with pytest.raises(SystemExit, match="no finished runs"):
+        run.main(["--quick", "--out", str(tmp_path / "empty"), "--report-only"])
 
 
 def test_timing_only_mode(tmp_path):

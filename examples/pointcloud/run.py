@@ -107,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--equiv-samples", type=int, default=32)
     p.add_argument("--out", default="results/pointcloud")
     p.add_argument("--quick", action="store_true", help="a tiny smoke configuration (tests, CI)")
+    p.add_argument("--report-only", action="store_true",
+                   help="no training: the table, JSON and PNG of the finished runs (the missing ones are listed)")
     p.add_argument("--evidence", action="store_true",
                    help="issue 15's point-cloud evidence: 5 seeds, 900 steps (3x), standard vs dual vs rank-8 W, "
                         "written to docs/evidence/pointcloud (finished runs are kept and not run again)")
@@ -129,7 +131,8 @@ def _run_file(out_dir: Path, args: argparse.Namespace, arm: str, seed: int) -> P
     """Where one finished run is kept: the name carries a hash of every setting its numbers depend on."""
     import hashlib
 
-    skip = {"arms", "seeds", "workers", "out", "timing_steps", "timing_only", "probe_pull", "quick", "evidence"}
+    skip = {"arms", "seeds", "workers", "out", "timing_steps", "timing_only", "probe_pull", "quick", "evidence",
+            "report_only"}
     key = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in skip}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     path = out_dir / "runs" / f"{args.model}_{arm}_seed{seed}_{digest}.json"
@@ -491,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sys.stdout.write(f"{name:28s} median|dL/dθ| per window: "
                              + " ".join(f"{m:.1e}" for m in v["window_medians"]) + f"  mean {v['mean_signed']:+.1e}\n")
         return {"config": vars(args), "probe_pull": pull}
-    timing = timing_phase(args) if args.timing_steps > 0 else None
+    timing = timing_phase(args) if args.timing_steps > 0 and not args.report_only else None
     if args.timing_only:
         if timing is None:
             raise SystemExit("--timing-only needs --timing-steps > 0")
@@ -506,7 +509,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # command runs only what is missing
     paths = {(j["arm"], j["seed"]): _run_file(out_dir, args, j["arm"], j["seed"]) for j in jobs}
     done = {k: json.loads(p.read_text()) for k, p in paths.items() if p.exists()}
-    todo = [j for j in jobs if (j["arm"], j["seed"]) not in done]
+    todo = [] if args.report_only else [j for j in jobs if (j["arm"], j["seed"]) not in done]
 
     def keep(r: dict[str, Any]) -> None:
         done[(r["arm"], r["seed"])] = r
@@ -519,7 +522,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         for job in tqdm(todo, desc="runs"):
             keep(train_run(job))
-    runs = [done[(j["arm"], j["seed"])] for j in jobs]
+    runs = [done[(j["arm"], j["seed"])] for j in jobs if (j["arm"], j["seed"]) in done]
+    missing = [f"{j['arm']}/seed{j['seed']}" for j in jobs if (j["arm"], j["seed"]) not in done]
+    if not runs:
+        raise SystemExit(f"no finished runs in {out_dir / 'runs'} for these settings")
     summary = summarise(runs)
     result = {
         "benchmark": "rotated point-cloud classification (synthetic, examples.pointcloud.data)",
@@ -528,6 +534,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "summary": summary,
         "timing": timing,
         "runs": runs,
+        "runs_remaining": missing,
         "wall_s": time.perf_counter() - t_start,
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
