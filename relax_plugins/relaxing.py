@@ -46,7 +46,7 @@ def relax(
     exclude: Iterable[str] | None = None,
     rank: int | None = None,
     init_std: float = 0.0,
-    penalty_samples: int | None = None,
+    penalty_samples: int | str | None = None,
     adapter_options: dict[str, Any] | None = None,
     example_inputs: Any = None,
 ) -> nn.Module:
@@ -71,7 +71,7 @@ def relax(
             (pointwise layers) on at most this many recorded samples each (an evenly strided subset,
             rescaled: an estimate of the full sums; see :meth:`RelaxationTerm.sample_rows`); an int >= 1.
             None keeps each term's own ``default_penalty_samples`` (all samples, except 256 fibres for
-            vector-neuron layers).
+            vector-neuron layers); ``"all"``: every recorded sample in every layer (exact penalties).
         adapter_options: options of the adapters, per adapter name: ``{"vn": {"vn_names": [...]},
             "e3nn": {"subgroup": "SO(3)"}}`` (see each adapter's ``relax_adapter_options`` hook, or
             ``relax_plugins.plugins.declared_options(name)``). Validated before anything changes: an
@@ -115,7 +115,10 @@ def relax(
     names = check_patterns(adapters, "adapters")
     rank = check_int(rank, "rank", minimum=1, none_ok=True)
     init_std = check_real(init_std, "init_std", minimum=0.0)
-    penalty_samples = check_int(penalty_samples, "penalty_samples", minimum=1, none_ok=True)
+    exact = isinstance(penalty_samples, str) and penalty_samples == "all"
+    if isinstance(penalty_samples, str) and not exact:
+        raise ValueError(f"penalty_samples must be an int >= 1, None or 'all', got {penalty_samples!r}")
+    penalty_samples = None if exact else check_int(penalty_samples, "penalty_samples", minimum=1, none_ok=True)
     given = check_mapping(adapter_options, "adapter_options")
     if any(True for _ in relaxed_modules(model)):
         raise AlreadyRelaxedError("model already holds relaxed layers; project() it first or relax a fresh copy")
@@ -171,7 +174,8 @@ def relax(
                 adapter, term = found
                 _check_term(term, module, name, adapter, [t for _, _, _, t in targets])
                 if term.subsampled_penalty:
-                    term.penalty_samples = term.default_penalty_samples if penalty_samples is None else penalty_samples
+                    default = None if exact else term.default_penalty_samples
+                    term.penalty_samples = default if penalty_samples is None else penalty_samples
                 placement = _module_placement(module, name)
                 if placement is not None:
                     term = term.to(dtype=placement[0], device=placement[1])
@@ -203,7 +207,7 @@ def relax(
                 "(tied weights), but include/exclude (or an enclosing relaxed layer) select only some of its "
                 "uses: relax all of them or none. The model was not changed."
             )
-    if penalty_samples is not None and not any(t.subsampled_penalty for *_, t in targets):
+    if (penalty_samples is not None or exact) and not any(t.subsampled_penalty for *_, t in targets):
         raise ValueError("penalty_samples applies to layers whose terms declare subsampled_penalty (pointwise "
                          "layers: LinearRelaxation terms) and none of the recognised layers has one. The model "
                          "was not changed.")

@@ -184,13 +184,21 @@ def test_relax_sets_penalty_samples_on_every_declaring_term(term_adapter):
     assert model[0].term.penalty_samples == 3  # the term's declared default
     model = rp.relax(nn.Sequential(SO2Linear(2, 2)), adapters=[name], penalty_samples=11)
     assert model[0].term.penalty_samples == 11  # the user's value overrides it
+    model = rp.relax(nn.Sequential(SO2Linear(2, 2)), adapters=[name], penalty_samples="all")
+    assert model[0].term.penalty_samples is None  # every sample: exact penalties, defaults overridden
+    for bad, error in (("most", ValueError), ("All", ValueError), (0, ValueError), (2.5, TypeError)):
+        fresh = nn.Sequential(SO2Linear(2, 2))
+        with pytest.raises(error, match="penalty_samples"):
+            rp.relax(fresh, adapters=[name], penalty_samples=bad)
+        assert type(fresh[0]) is SO2Linear
 
 
 def test_penalty_samples_refused_where_no_term_declares_it(term_adapter):
     name = term_adapter(_PlainTerm)
     model = nn.Sequential(SO2Linear(2, 2))
-    with pytest.raises(ValueError, match="subsampled_penalty"):
-        rp.relax(model, adapters=[name], penalty_samples=4)
+    for value in (4, "all"):
+        with pytest.raises(ValueError, match="subsampled_penalty"):
+            rp.relax(model, adapters=[name], penalty_samples=value)
     assert type(model[0]) is SO2Linear  # unchanged
     assert rp.relax(model, adapters=[name])[0].term.penalty_samples == 3  # not declared: left alone
 

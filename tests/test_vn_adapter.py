@@ -257,6 +257,7 @@ def test_user_penalty_samples_overrides_the_vn_default():
     assert vnp.VNLinearRelaxation.default_penalty_samples == vnp.DEFAULT_PENALTY_SAMPLES == 256
     assert samples(_vn_model()) == {256}
     assert samples(_vn_model(penalty_samples=7)) == {7}
+    assert samples(_vn_model(penalty_samples="all")) == {None}  # exact penalties on every fibre
     with pytest.warns(DeprecationWarning, match="vn_penalty_rows"):
         assert samples(_vn_model(adapter_options={"vn": {"vn_penalty_rows": None}})) == {None}  # all fibres
     with pytest.warns(DeprecationWarning, match="vn_penalty_rows"):
