@@ -43,8 +43,9 @@ def moment_penalties(terms: list[LinearRelaxation], inputs: list[tuple[Tensor, i
     With S_l = Σ x xᵀ over layer l's samples and C_lk = W_l ρ_in(A_k) − ρ_out(A_k) W_l:
     Σ_n ||C_lk x_n||² = ⟨C_lk S_l, C_lk⟩ and Σ_n ||W_l x_n||² = ⟨W_l S_l, W_l⟩. Batching the layers
     turns some ten autograd operations per layer into ten for the whole group, which is what the
-    penalty costs on models with many small layers. Low-rank layers (W = B·A, same rank) are computed
-    through their factors (:func:`low_rank_moments`), never forming B·A.
+    penalty costs on models with many small layers. Low-rank layers (W = B·A, same rank) wide enough
+    for :func:`~relax_plugins.lowrank.use_factors` are computed through their factors
+    (:func:`low_rank_moments`), never forming B·A; narrow ones take B·A as a dense W (cheaper there).
 
     With ``term.penalty_generators = m`` (equal in the group) each call uses m of the K generators,
     drawn uniformly without replacement, and scales the Lie sum by K/m: an unbiased estimate of the

@@ -70,7 +70,8 @@ class VNLinearRelaxation(LinearRelaxation):
     form keeps its meaning), either directly or through the Gram matrix G = Σ x xᵀ as Σ_k tr(L_k
     G L_kᵀ) with L_k = W A_k − A_k W, whichever takes fewer FLOPs: on all B·N fibres the Gram matrix
     alone would cost more than the layer whenever 3·C_in > C_out. A low-rank W's penalties go through
-    its factors (cost O(r), B·A never formed).
+    its factors (cost O(r), B·A never formed); its forward does too on wide layers
+    (:func:`~relax_plugins.lowrank.use_factors`), narrow ones use I ⊗ M + θ·B·A as one dense map.
 
     Args:
         c_in: input channels of the Linear.
@@ -178,8 +179,8 @@ class VNLinearRelaxation(LinearRelaxation):
                 full = self._blocks_eye(base.weight) + theta.to(base.weight.dtype) * self.weight
                 yf = xf @ full.T
             else:
-                # (I_3 ⊗ M) x + θ B (A x) in one autograd node on the fibres: the base map at its own
-                # FLOPs (not the 3x of I_3 ⊗ M), B·A never formed, only x saved for backward
+                # (I_3 ⊗ M) x + θ B (A x): on wide layers one autograd node on the fibres (the base map
+                # at its own FLOPs, B·A never formed, only x saved); narrow ones as one dense map
                 yf = low_rank_apply(xf, factors[0], factors[1], theta, M=base.weight, blocks=3)
             a = self.xyz_axis(x.dim())
             shape = list(x.movedim(a, -2).shape)
