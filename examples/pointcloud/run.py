@@ -386,13 +386,17 @@ def _mean_std(v: list[float]) -> tuple[float, float]:
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per arm: mean ± std (over seeds) of test accuracy, equivariance error, step time.
+    """Per arm: mean ± std (over seeds) of test accuracy, equivariance error, step time, and for each
+    arm next to ``standard`` the gain over it paired by seed (mean ± std) and the seeds it won.
 
     Example:
-        >>> r = [{"arm": "a", "test_acc": 0.5, "equiv_err": 1e-15, "mean_step_s": 0.1, "final_test_acc": 0.5,
-        ...       "relaxed_mid_equiv_err": None}] * 2
+        >>> r = [{"arm": "a", "seed": s, "test_acc": 0.5, "equiv_err": 1e-15, "mean_step_s": 0.1,
+        ...       "final_test_acc": 0.5, "relaxed_mid_equiv_err": None} for s in (0, 1)]
         >>> summarise(r)["a"]["test_acc"]
         [0.5, 0.0]
+        >>> std = [{**x, "arm": "standard", "test_acc": 0.4} for x in r]
+        >>> [round(v, 6) for v in summarise(r + std)["a"]["paired_gain_vs_standard"]]
+        [0.1, 0.0]
     """
     out: dict[str, Any] = {}
     for arm in dict.fromkeys(r["arm"] for r in runs):
@@ -413,6 +417,13 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             s["gammas_final_mean"] = {k: float(np.mean([r["dual"]["gammas"][k] for r in rs])) for k in layers}
             s["duals_mean"] = {k: float(np.mean([r["dual"]["duals"][k] for r in rs])) for k in layers}
         out[arm] = s
+    # paired by seed (same data, initial weights and batches): the gain over standard and its spread
+    base = {r["seed"]: r["test_acc"] for r in runs if r["arm"] == "standard"}
+    for arm, s in out.items():
+        diffs = [r["test_acc"] - base[r["seed"]] for r in runs if r["arm"] == arm and r["seed"] in base]
+        if arm != "standard" and diffs:
+            s["paired_gain_vs_standard"] = list(_mean_std(diffs))
+            s["seeds_better_than_standard"] = sum(d > 0 for d in diffs)
     return out
 
 
@@ -423,12 +434,13 @@ def markdown_table(result: dict[str, Any]) -> str:
         >>> r = {"summary": {"a": {"seeds": 2, "test_acc": [0.5, 0.1], "final_test_acc": [0.5, 0.1],
         ...      "equiv_err_max": 1e-15, "mean_step_s": [0.1, 0.0]}}, "timing": None}
         >>> print(markdown_table(r).splitlines()[2])
-        | a | 2 | 50.0 ± 10.0 | – | 50.0 ± 10.0 | 1.0e-15 | – | 0.100 |
+        | a | 2 | 50.0 ± 10.0 | – | – | 50.0 ± 10.0 | 1.0e-15 | – | 0.100 |
     """
     rows = [
-        "| arm | seeds | test acc % (best val, projected, merge) | test acc % (merge=False) | test acc % (last step) "
+        "| arm | seeds | test acc % (best val, projected, merge) | gain vs standard (paired, points) "
+        "| test acc % (merge=False) | test acc % (last step) "
         "| equiv. err. projected (max, float64) | equiv. err. relaxed mid-run (min) | mean step s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def pm(v: list[float] | None) -> str:
@@ -436,8 +448,12 @@ def markdown_table(result: dict[str, Any]) -> str:
 
     for arm, s in result["summary"].items():
         mid = s.get("relaxed_mid_equiv_err_min")
+        gain = s.get("paired_gain_vs_standard")
+        wins = "" if gain is None else f" ({s['seeds_better_than_standard']}/{s['seeds']} better)"
+        gain_text = "–" if gain is None else f"{100 * gain[0]:+.1f} ± {100 * gain[1]:.1f}{wins}"
         rows.append(
-            f"| {arm} | {s['seeds']} | {pm(s['test_acc'])} | {pm(s.get('drop_test_acc'))} | {pm(s['final_test_acc'])} "
+            f"| {arm} | {s['seeds']} | {pm(s['test_acc'])} | {gain_text} | {pm(s.get('drop_test_acc'))} "
+            f"| {pm(s['final_test_acc'])} "
             f"| {s['equiv_err_max']:.1e} | {'–' if mid is None else f'{mid:.2f}'} | {s['mean_step_s'][0]:.3f} |"
         )
     t = result.get("timing")
@@ -541,6 +557,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     stem = f"pointcloud_{args.model}" + ("_quick" if args.quick else "")
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"{stem}.md").write_text(markdown_table(result) + "\n")
     plot(summary, runs, out_dir / f"{stem}.png",
          f"VN-{args.model}, {len(CLASSES)} synthetic classes, {args.rotation}, {args.steps} steps, {args.seeds} seeds")
     lines = [f"{'arm':18s} test acc (mean ± std)   equiv err (max)   step s"]
@@ -551,7 +568,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lines.append(f"step-time ratio relaxed/standard: {timing['relaxed']['ratio_min']:.2f} (fastest steps), "
                      f"{timing['relaxed']['ratio_median_pairwise']:.2f} (median pairwise)")
     lines += ["", markdown_table(result), ""]
-    lines.append(f"wrote {out_dir / (stem + '.json')} and .png in {result['wall_s']:.0f} s")
+    lines.append(f"wrote {out_dir / (stem + '.json')}, .md and .png in {result['wall_s']:.0f} s")
     sys.stdout.write("\n".join(lines) + "\n")
     return result
 
