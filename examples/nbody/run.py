@@ -635,7 +635,7 @@ def summarise(runs: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[str, di
             rec["lie_penalty_final"] = statistics.fmean(r["history"][-1]["lie_penalty"] for r in rs)
             rec["norm_penalty_max"] = max(h["norm_penalty"] for r in rs for h in r["history"])
             rec["relaxed_equiv_error_max"] = max(h["relaxed_equiv_error"] for r in rs for h in r["history"])
-        if all("dual" in r for r in rs):
+        if all(r.get("dual", {}).get("duals") for r in rs):  # recm runs keep θ_i there, without duals
             rec["duals_mean"] = _mean_dicts([r["dual"]["duals"] for r in rs])
             rec["gammas_final_mean"] = _mean_dicts([r["dual"]["gammas"] for r in rs])
             rec["slacks_mean"] = _mean_dicts([r["dual"]["slacks"] for r in rs])
