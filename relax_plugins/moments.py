@@ -56,7 +56,7 @@ def moment_penalties(terms: list[LinearRelaxation], inputs: list[tuple[Tensor, i
     ranks = {f[0].shape[0] for f in factored if f is not None}
     # through the factors where that is cheaper (use_factors); narrow layers take B·A as a dense W
     if (all(f is not None for f in factored) and len(ranks) == 1
-            and use_factors(factored[0][0].shape[1], factored[0][1].shape[0], ranks.pop())):
+            and use_factors(factored[0][0].shape[1], factored[0][1].shape[0], factored[0][0].shape[0])):
         A = torch.stack([f[0] for f in factored])  # (L, r, d_in)
         B = torch.stack([f[1] for f in factored])  # (L, d_out, r)
         with torch.no_grad():

@@ -110,8 +110,9 @@ class RelaxedTraining:
     def theta(self) -> float:
         """θ of the current index (with a learned policy: the mean over layers)."""
         if self.policy is not None:
-            values = list(get_theta(self.model).values())
-            return sum(values) / len(values)
+            # one host sync for all layers (advance() and loss() read this every step)
+            thetas = [layer.theta.detach().double() for _, layer in relaxed_modules(self.model)]
+            return float(torch.stack(thetas).mean())
         return self.schedule(max(self.position - 1, 0))
 
     @property

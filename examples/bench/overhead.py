@@ -166,12 +166,14 @@ def measure(spec: Spec, steps: int, device: torch.device) -> dict:
     base = spec.build().to(device)
     arms = {"standard": base}
     every: dict[str, int] = {"standard": 0}
+    twin: dict[str, str] = {}  # an every-k arm → the every-step arm with the same W (its penalty timing)
     for label, rank, k in (("relaxed", None, 1), (f"relaxed rank {spec.rank}", spec.rank, 1),
                            ("relaxed, penalty every 4", None, 4),
                            (f"relaxed rank {spec.rank}, penalty every 4", spec.rank, 4)):
         model = rp.relax(copy.deepcopy(base), rank=rank)
         rp.set_theta(model, 0.5)
         arms[label], every[label] = model, k
+        twin[label] = "relaxed" if rank is None else f"relaxed rank {spec.rank}"
     runs = {k: rp.RelaxedTraining(m, "constant", total=CYCLE * (steps + 2), penalty_every=every[k])
             for k, m in arms.items() if every[k]}
     inputs, target = spec.batch(device)
@@ -219,7 +221,7 @@ def measure(spec: Spec, steps: int, device: torch.device) -> dict:
             "params": sum(p.numel() for p in model.parameters()),
             "saved_bytes": saved_activation_bytes(model, inputs, target, spec.loss, label != "standard"),
             # per step: the penalty's own cost, amortised over k steps with penalty_every = k
-            "penalty_ms": (1e3 * statistics.median(pen_times[_dense_twin(label)]) / every[label]
+            "penalty_ms": (1e3 * statistics.median(pen_times[twin[label]]) / every[label]
                            if every[label] else 0.0),
             "penalty_every": every[label],
         }
@@ -255,11 +257,6 @@ def measure(spec: Spec, steps: int, device: torch.device) -> dict:
     if device.type == "cuda":
         result["device"] = torch.cuda.get_device_name(device)
     return result
-
-
-def _dense_twin(label: str) -> str:
-    """The every-step arm with the same W (whose penalty timing an every-k arm shares)."""
-    return label.split(", penalty every")[0]
 
 
 def plot(results: list[dict], path: Path) -> None:
