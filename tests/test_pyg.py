@@ -365,3 +365,41 @@ def _check_penalty(fa, fo, group, seed):
     ref = lie_defect(W, x, term.symmetry).sum() + group_defect(W, x, term.symmetry).sum()
     assert torch.allclose(got.lie, ref, rtol=1e-10, atol=1e-12)
     assert torch.allclose(got.norm, (x @ W.T).square().sum())
+
+
+@given(fa=_fields, fo=_fields, group=st.sampled_from(["O(3)", "SO(3)"]), seed=st.integers(0, 2**16),
+       rows=st.integers(1, 40))
+def test_moment_and_structured_penalties_agree(fa, fo, group, seed, rows):
+    """Narrow layers with more samples than input dimensions take the core's second-moment form;
+    it must give the numbers of the structured per-node form (and both the dense generators')."""
+    torch.manual_seed(seed)
+    term = _term([fa, Field("pos")], fo, group).double()
+    with torch.no_grad():
+        term.weight.normal_()
+    x = torch.randn(rows, term.symmetry.dim_in, dtype=torch.float64)
+    term._x = x
+    moment = term.penalty_terms()
+    assert (term.batchable_penalty() is not None) == (rows > term.symmetry.dim_in)
+    term.moment_max_dim = 0  # force the structured form
+    assert term.batchable_penalty() is None
+    structured = term.penalty_terms()
+    assert torch.allclose(moment.lie, structured.lie, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(moment.norm, structured.norm, rtol=1e-10, atol=1e-10)
+    assert moment.samples == structured.samples == rows
+
+
+def test_egnn_layers_share_one_batched_penalty_and_wide_layers_stay_structured():
+    from relax_plugins.penalties import _all_penalty_terms
+
+    data = _graphs(torch.float64)
+    model = rp.relax(EGNN(hidden=8, layers=2).double(), adapters=["pyg"], init_std=0.1)
+    rp.set_theta(model, 1.0)
+    model(*data)
+    keys = {layer.term.batchable_penalty() for _, layer in rp.relaxed_modules(model)}
+    assert len(keys) == 1 and None not in keys
+    exact = _all_penalty_terms(list(rp.relaxed_modules(model)))
+    for (_, layer), (_, t) in zip(rp.relaxed_modules(model), exact):
+        layer.term.moment_max_dim = 0
+        ref = layer.term.penalty_terms()
+        assert float(ref.lie.detach()) > 0 and torch.allclose(t.lie, ref.lie, rtol=1e-10)
+        assert torch.allclose(t.norm, ref.norm, rtol=1e-10)

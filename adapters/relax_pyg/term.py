@@ -140,7 +140,12 @@ class PygRelaxation(LinearRelaxation):
         >>> relax_pyg.undeclare(Shift)
     """
 
-    batched_penalty = False  # its own structured per-irrep penalty_terms
+    # narrow fibres: the core's second-moment penalty, batched over layers of equal shape (one bmm
+    # for all of EGNN's layers: 2.3x faster than the per-node form there); wide fibres (ViSNet):
+    # the structured per-node form below, which never builds the dense (k, d, d) generators
+    batched_penalty = True
+    #: widest fibre (input or output) that takes the second-moment path
+    moment_max_dim = 128
 
     def __init__(self, spec: ResolvedSpec, rank: int | None = None, init_std: float = 0.0) -> None:
         super().__init__(symmetry_for(spec), rank=rank, init_std=init_std)
@@ -232,6 +237,14 @@ class PygRelaxation(LinearRelaxation):
         return outs if isinstance(out, list) else tuple(outs)
 
     # -- penalty -------------------------------------------------------------------------------
+    def batchable_penalty(self) -> tuple | None:
+        """The core's batching key where the fibres are narrow enough (``moment_max_dim``) for the
+        dense generators and more samples than input dimensions were recorded; None otherwise."""
+        sym = self.symmetry
+        if max(sym.dim_in, sym.dim_out) > self.moment_max_dim:
+            return None
+        return super().batchable_penalty()
+
     def _apply_columns(self, v: Tensor, cols: Tensor) -> Tensor:
         """W[:, cols] applied to the last axis of ``v``."""
         sym = self.symmetry
@@ -243,8 +256,12 @@ class PygRelaxation(LinearRelaxation):
         """Σ_k ||W dρ_in(A_k) x − dρ_out(A_k) W x||² (+ ||W ρ_in(−I) x − ρ_out(−I) W x||² for O(3))
         and ||W x||², summed over nodes: the numbers of the core's dense ``lie_defect`` and
         ``group_defect``, computed with the small per-irrep generators (O(d) per node, not the
-        O(d²) of dense (k, d, d) matrices) and only the columns of W that see non-scalar inputs."""
+        O(d²) of dense (k, d, d) matrices) and only the columns of W that see non-scalar inputs.
+        Narrow layers with more samples than input dimensions take the second-moment form (same
+        numbers, see :meth:`batchable_penalty`)."""
         x, n = self.penalty_input()
+        if self.batchable_penalty() is not None:
+            return self._penalty_from_moments(x, n)
         wx = self.apply_weight(x)  # on the detached input: the penalty trains W only
         if self._cols_in.numel():
             rot_x = self._fibre_in.lie(x, compact=True)
