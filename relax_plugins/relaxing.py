@@ -38,6 +38,32 @@ def _module_placement(module: nn.Module, name: str) -> tuple[torch.dtype, torch.
     return next(iter(kinds))
 
 
+#: wrappers that registered the parameters for gradient synchronisation (or sharded them) when they
+#: were built: a W added inside them afterwards would train on each replica on its own
+_DISTRIBUTED_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule")
+
+
+def _check_not_distributed(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        kinds = {c.__name__ for c in type(module).__mro__}
+        wrapper = next((k for k in _DISTRIBUTED_WRAPPERS if k in kinds), None)
+        where = f"at {name!r}" if name else "as the root"
+        if wrapper is not None:
+            raise ValueError(
+                f"the model holds a {wrapper} {where}: it registered (or sharded) its parameters when it was "
+                "built, so a relaxation weight added now would not be synchronised across processes. Relax the "
+                f"plain model first, then wrap it: model = rp.relax(model); model = {wrapper}(model, ...). "
+                "The model was not changed."
+            )
+        if isinstance(module, nn.DataParallel) and len(module.device_ids or ()) > 1:
+            raise ValueError(
+                f"the model holds a DataParallel over {len(module.device_ids)} devices {where}: its replicas "
+                "would record the inputs the penalty needs, and the model would never see them. Use "
+                "DistributedDataParallel (relax first, then wrap), or relax and train on one device. "
+                "The model was not changed."
+            )
+
+
 def relax(
     model: nn.Module,
     *,
@@ -95,6 +121,8 @@ def relax(
 
     Raises:
         AlreadyRelaxedError: ``model`` already holds relaxed layers.
+        ValueError: ``model`` is (or holds) a DistributedDataParallel / FSDP wrapper, or a DataParallel
+            over several devices: relax the plain model, then wrap it.
         UnknownAdapterError: a name in ``adapters`` or ``adapter_options`` is not loaded.
         NothingToRelaxError: no layer was recognised.
         AdapterError: an adapter failed on a layer, on the probe forward, or returned something invalid
@@ -111,6 +139,14 @@ def relax(
         True
     """
     check_module(model, "model")
+    # under torch.inference_mode the new W and θ would be inference tensors, which training cannot update
+    with torch.inference_mode(False):
+        return _relax(model, adapters, include, exclude, rank, init_std, penalty_samples, adapter_options,
+                      example_inputs)
+
+
+def _relax(model: nn.Module, adapters: Any, include: Any, exclude: Any, rank: Any, init_std: Any,
+           penalty_samples: Any, adapter_options: Any, example_inputs: Any) -> nn.Module:
     include, exclude = check_patterns(include, "include"), check_patterns(exclude, "exclude")
     names = check_patterns(adapters, "adapters")
     rank = check_int(rank, "rank", minimum=1, none_ok=True)
@@ -120,6 +156,7 @@ def relax(
         raise ValueError(f"penalty_samples must be an int >= 1, None or 'all', got {penalty_samples!r}")
     penalty_samples = None if exact else check_int(penalty_samples, "penalty_samples", minimum=1, none_ok=True)
     given = check_mapping(adapter_options, "adapter_options")
+    _check_not_distributed(model)
     if any(True for _ in relaxed_modules(model)):
         raise AlreadyRelaxedError("model already holds relaxed layers; project() it first or relax a fresh copy")
     allowed = None

@@ -115,6 +115,41 @@ def test_relax_twice():
     check(relaxed(), rp.relax, rp.AlreadyRelaxedError)
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_relax_refuses_a_model_already_wrapped_for_distributed_training(tmp_path):
+    """DDP registers its parameters for all-reduce when built: a W added later would train per replica."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        check(nn.parallel.DistributedDataParallel(plain()), rp.relax, ValueError, "Relax the plain model first")
+        nested = nn.Sequential(nn.parallel.DistributedDataParallel(plain()))
+        check(nested, rp.relax, ValueError, "at '0'")
+        # the right order works: relax, then wrap (W is registered and gets its gradient)
+        model = nn.parallel.DistributedDataParallel(rp.relax(plain()))
+        rp.set_theta(model.module, 1.0)
+        model(torch.randn(6, 4)).sum().backward()
+        assert all(p.grad is not None for p in rp.relaxation_parameters(model.module))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_relax_accepts_single_device_data_parallel():
+    model = rp.relax(nn.DataParallel(plain()))  # no replicas on one device (or the CPU): it just calls the module
+    assert [n for n, _ in rp.relaxed_modules(model)] == ["module.0", "module.2"]
+
+
+def test_relax_under_inference_mode_gives_trainable_weights():
+    model = plain()
+    with torch.inference_mode():
+        rp.relax(model)
+    assert not any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
+    rp.set_theta(model, 1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (model(torch.randn(6, 4)).sum() + rp.penalty(model)).backward()
+    opt.step()
+
+
 def test_tied_layer_selected_at_one_use_only():
     layer = SO2Linear(2, 2)
     check(nn.Sequential(layer, nn.Tanh(), layer), lambda m: rp.relax(m, exclude=["2"]), ValueError, "tied")
