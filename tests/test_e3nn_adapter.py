@@ -483,3 +483,34 @@ def test_tensor_product_inside_pyg_message_passing():
     assert err(m) > 1e-2
     assert m.tp.term.penalty_terms().samples == edge_index.shape[1]
     assert err(rp.project(m)) < 1e-12
+
+
+class _LinearThenTP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = o3.Linear("4x0e + 2x1o", "3x0e + 2x1o")
+        self.tp = o3.FullyConnectedTensorProduct("3x0e + 2x1o", "1x0e + 1x1o", "2x0e + 1x1o")
+
+    def forward(self, x: torch.Tensor, attr: torch.Tensor) -> torch.Tensor:
+        return self.tp(self.lin(x), attr)
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_torch_compile_relaxed_e3nn_model_matches_eager(rank):
+    """torch.compile guards the attributes forward reads: the terms read plain ints in their hot path
+    (an ``Irreps`` attribute there made dynamo's guard builder fail on e3nn's ``Irrep.__len__``)."""
+    torch.manual_seed(0)
+    model = rp.relax(_LinearThenTP(), rank=rank)
+    rp.set_theta(model, 0.5)
+    with torch.no_grad():
+        for p in rp.relaxation_parameters(model):
+            p.normal_(0, 0.1)
+    x, attr = o3.Irreps("4x0e + 2x1o").randn(6, -1), o3.Irreps("1x0e + 1x1o").randn(6, -1)
+    eager, pen_eager = model(x, attr), rp.penalty(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(x, attr)
+    pen = rp.penalty(model)
+    assert torch.allclose(out, eager, atol=1e-5)
+    assert torch.allclose(pen, pen_eager, rtol=1e-5)
+    (out.square().mean() + pen).backward()
+    assert all(p.grad is not None for p in rp.relaxation_parameters(model))

@@ -85,7 +85,7 @@ class E3nnRelaxation(LinearRelaxation):
     # -- layout -----------------------------------------------------------------------------------
     def take_input(self, args: tuple, kwargs: dict) -> Tensor:
         x = args[0] if args else kwargs[self.arg_name]
-        if x.shape[-1] != self.irreps_in.dim:
+        if x.shape[-1] != self.symmetry.dim_in:  # plain ints in the hot path (torch.compile cannot guard Irreps)
             raise ValueError(f"expected a last axis of {self.irreps_in.dim} ({self.irreps_in}), got {tuple(x.shape)}")
         self._batch_shape = tuple(x.shape[:-1])
         return x
@@ -93,7 +93,7 @@ class E3nnRelaxation(LinearRelaxation):
     def from_fibre(self, delta: Tensor, out: Tensor) -> Tensor:
         # W·x has the batch shape of the input it reads; broadcasting against the layer output
         # covers two-input layers whose output batch shape is the broadcast of both inputs
-        return delta.reshape(self._batch_shape + (self.irreps_out.dim,))
+        return delta.reshape(self._batch_shape + (self.symmetry.dim_out,))
 
     def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Any:
         """f(x) + θ·W·x, as :meth:`relax_plugins.LinearRelaxation.forward`, with the product and
@@ -104,7 +104,7 @@ class E3nnRelaxation(LinearRelaxation):
         out = base(*args, **kwargs)
         self._x = x.detach()
         factors = self.factors()
-        if factors is not None and use_factors(x.shape[-1], self.irreps_out.dim, self.rank):
+        if factors is not None and use_factors(x.shape[-1], self.symmetry.dim_out, self.rank):
             # wide low-rank layer, through the factors: B·A is never formed, only x is saved for backward
             delta = low_rank_apply(x, factors[0], factors[1], theta)
             result = out + self.from_fibre(delta, out)

@@ -171,7 +171,9 @@ class VNLinearRelaxation(LinearRelaxation):
         self._x = xf.detach()
         fusable = not kwargs and len(args) == 1 and isinstance(base, nn.Linear) and base.bias is None
         factors = self.factors()
-        if not bool(theta != 0):
+        # torch.compile: no data-dependent branch (a graph break there made aot_autograd fail to replay
+        # the recorded input's view); compiled code is not bit-exact anyway, and θ = 0 adds exactly 0
+        if not torch.compiler.is_compiling() and not bool(theta != 0):
             # exactly the base layer: relax() and θ = 0 must not change outputs
             out = base(*args, **kwargs)
         elif fusable and (self.rank is None or factors is not None):
