@@ -742,6 +742,36 @@ def evidence_record(result: dict[str, Any], missing: list[str]) -> dict[str, Any
     return {"protocol": protocol, "arms": arms, "default_recipe": default, "runs_remaining": missing}
 
 
+def evidence_markdown(record: dict[str, Any]) -> str:
+    """An evidence record (:func:`evidence_record`) as a Markdown table: every seed's test MSE of the
+    best-validation projected model, mean ± std, the paired ratio to ``standard`` and the seeds it
+    beat, the best step and the largest equivariance error; then what is missing or in progress.
+
+    Example:
+        >>> runs = [{"arm": a, "seed": s, "test_mse": m, "best_val_mse": m, "best_step": 1,
+        ...          "equivariance_error": 1e-16} for a, m in (("standard", 1.0), ("dual", 0.5)) for s in range(3)]
+        >>> md = evidence_markdown(evidence_record({"config": {"steps": 9}, "runs": runs}, missing=[]))
+        >>> md.splitlines()[3]
+        '| dual | 3 | 0.50000 · 0.50000 · 0.50000 | 0.50000 ± 0.00000 | 0.500 | 3 of 3 | 1 · 1 · 1 | 1.0e-16 |'
+    """
+    lines = ["| arm | seeds | test MSE per seed | mean ± std | × standard (paired) | seeds better than standard | "
+             "best step | equivariance error (max) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for arm, a in record["arms"].items():
+        ratio = f"{a['ratio_to_standard']:.3f}" if "ratio_to_standard" in a else "–"
+        better = (f"{a['seeds_better_than_standard']} of {len(a['seeds'])}"
+                  if "seeds_better_than_standard" in a else "–")
+        lines.append(f"| {arm} | {len(a['seeds'])} | {' · '.join(f'{m:.5f}' for m in a['test_mse'])} | "
+                     f"{a['test_mse_mean']:.5f} ± {a['test_mse_std']:.5f} | {ratio} | {better} | "
+                     f"{' · '.join(f'{b:,}' for b in a['best_step'])} | {max(a['equivariance_error']):.1e} |")
+    lines.append("")
+    lines.append(f"default recipe: {record['default_recipe'] or 'not chosen (every arm needs 3 seeds)'}")
+    if record.get("runs_remaining"):
+        lines.append(f"runs remaining: {', '.join(record['runs_remaining'])}")
+    for run, st in record.get("runs_in_progress", {}).items():
+        lines.append(f"in progress: {run} at step {st['step']:,} of {st['of']:,}")
+    return "\n".join(lines)
+
+
 def _config_of(result: dict[str, Any]) -> Config:
     return Config(**{k: v for k, v in result["config"].items() if k in Config.__dataclass_fields__ and k != "arms"})
 
@@ -1026,6 +1056,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps = {(a, s): _checkpoint_step(cfg, a, s) for a, s in jobs if (a, s) not in done}  # one load per file
         record["runs_in_progress"] = {f"{a}/seed{s}": {"step": k, "of": cfg.steps} for (a, s), k in steps.items() if k}
         evidence.write_text(json.dumps(record, indent=1))
+        evidence.with_suffix(".md").write_text(evidence_markdown(record) + "\n")
         if png:
             evidence.with_suffix(".png").write_bytes(png.read_bytes())
     table = format_table(summary, cfg, timing)
