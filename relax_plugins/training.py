@@ -27,15 +27,17 @@ class RelaxedTraining:
 
     Args:
         model: a model already passed through :func:`relax_plugins.relax`.
-        schedule: a :class:`~relax_plugins.schedules.Schedule`, a name ("triangular", "linear_decay",
-            "cosine", "constant"), a callable of t ∈ [0, 1], or a learned θ policy built on this model
-            (:class:`~relax_plugins.DualAscentTheta`, :class:`~relax_plugins.LearnedModulation`, or
+        schedule: the default ``"triangular"`` (θ 0 → 1 → 0, the paper's recipe; with the default ``lie``,
+            ``norm`` and ``form`` it is the ``relaxed`` arm of the paper-length N-body evidence,
+            ``docs/evidence.md``), a :class:`~relax_plugins.schedules.Schedule`, a name ("triangular",
+            "linear_decay", "cosine", "constant"), a callable of t ∈ [0, 1], or a learned θ policy built on
+            this model (:class:`~relax_plugins.DualAscentTheta`, :class:`~relax_plugins.LearnedModulation`, or
             any object with ``layers``, ``step()``, ``penalty()``, ``finish()``, ``state_dict()`` and
-            ``load_state_dict()``): call :meth:`step` after every ``optimizer.step()`` (it runs the
-            policy's ``step()``; with a schedule it does nothing, so one loop serves both), its
-            ``penalty()`` joins :meth:`penalty`, and :meth:`finish` calls its ``finish()``. Build a
-            :class:`~relax_plugins.DualAscentTheta` (and this helper) before the optimiser: its γ
-            are parameters.
+            ``load_state_dict()``): call :meth:`step` after every ``optimizer.step()`` (it runs the policy's
+            ``step()``; with a schedule it does nothing, so one loop serves both), its ``penalty()`` joins
+            :meth:`penalty`, and :meth:`finish` calls its ``finish()``. Build a
+            :class:`~relax_plugins.DualAscentTheta` (and this helper) before the optimiser: its γ are
+            parameters.
         total: number of :meth:`advance` calls (needed for a name or callable; optional for a policy,
             where it only sets :attr:`done`).
         lie: λ_LD. norm: λ_N. form: see :func:`relax_plugins.penalty`.
@@ -76,7 +78,7 @@ class RelaxedTraining:
     def __init__(
         self,
         model: nn.Module,
-        schedule: Schedule | str | Callable[[float], float],
+        schedule: Schedule | str | Callable[[float], float] | Any = "triangular",
         total: int | None = None,
         *,
         lie: float = 1e-2,

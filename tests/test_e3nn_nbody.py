@@ -255,3 +255,20 @@ def test_matched_arm_replays_the_dual_theta_trace_and_waits_for_it(tmp_path):
     assert [r["test_mse"] for r in again["runs"]] == [r["test_mse"] for r in result["runs"]]
     with pytest.raises(ValueError, match="another configuration"):
         main(args + ["--lr", "1e-4"])
+
+
+def test_relaxed_training_defaults_are_the_evidence_relaxed_arm():
+    """``RelaxedTraining(model, total=steps)`` is the paper-length evidence's ``relaxed`` arm: the same
+    θ at every step, λ_LD, λ_N and penalty form (what ``default_recipe`` refers to)."""
+    from examples.nbody.run import PRESETS, Config, arm_spec
+
+    cfg = Config(**PRESETS["paper"])
+    spec = arm_spec("relaxed", cfg)
+    model = rp.relax(SEGNN("4x0e + 2x1o", layers=1))
+    run = rp.RelaxedTraining(model, total=cfg.steps)
+    assert (run.lie, run.norm, run.form) == (spec["lie"], spec["norm"], cfg.penalty_form)
+    arm = rp.schedules.Triangular(total=cfg.steps, peak=cfg.peak_theta, peak_at=cfg.peak_at)
+    for step in (0, 1, 7_499, 15_000, 22_222, cfg.steps - 1):
+        run.position = step
+        assert run.advance() == arm(step)
+    assert run.schedule(cfg.steps - 1) == 0.0
