@@ -156,6 +156,17 @@ def saved_activation_bytes(model: nn.Module, inputs: tuple, target: Tensor, loss
     return total
 
 
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    """Lower and upper quartiles (for the spread of the paired ratios).
+
+    Example:
+        >>> _quartiles([1.0, 2.0, 3.0, 4.0, 5.0])
+        (2.0, 4.0)
+    """
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return q[0], q[2]
+
+
 #: steps per timed cycle: a multiple of every arm's ``penalty_every``, so that each cycle holds the
 #: same share of penalty steps as a long run does
 CYCLE = 4
@@ -226,8 +237,13 @@ def measure(spec: Spec, steps: int, device: torch.device) -> dict:
             "penalty_every": every[label],
         }
     std = result["arms"]["standard"]
-    for row in result["arms"].values():
-        row["step_ratio"] = row["step_ms"] / std["step_ms"]
+    for label, row in result["arms"].items():
+        # each round ran every arm once, back to back: the ratio within a round cancels the machine's
+        # slow phases (another tenant, frequency changes), which a ratio of two medians does not
+        paired = sorted(t / s for t, s in zip(times[label], times["standard"]))
+        row["step_ratio"] = statistics.median(paired)
+        row["step_ratio_quartiles"] = _quartiles(paired)
+        row["step_ratio_of_medians"] = row["step_ms"] / std["step_ms"]
         row["param_ratio"] = row["params"] / n_base
         row["saved_ratio"] = row["saved_bytes"] / std["saved_bytes"]
 
@@ -289,13 +305,16 @@ def markdown_table(results: list[dict], args: argparse.Namespace) -> str:
     """The README's table: one row per model and arm."""
     models = f" --models {args.models}" if args.models else ""
     lines = [f"`python -m examples.bench.overhead --steps {args.steps} --threads {args.threads}{models}` "
-             f"({args.device}; medians of {args.steps} cycles of {CYCLE} steps, arms interleaved)", "",
+             f"({args.device}; {args.steps} rounds, each one cycle of {CYCLE} steps of every arm; step ms: "
+             "median cycle; × standard: median of the per-round ratios, quartiles in brackets)", "",
              "| model | arm | step ms | × standard | penalty ms/step | params × | saved act. × |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         for i, (arm, row) in enumerate(r["arms"].items()):
             name = r["model"] if i == 0 else ""
-            lines.append(f"| {name} | {arm} | {row['step_ms']:.1f} | {row['step_ratio']:.2f} | "
+            lo, hi = row.get("step_ratio_quartiles", (row["step_ratio"], row["step_ratio"]))
+            spread = "" if arm == "standard" else f" ({lo:.2f}–{hi:.2f})"
+            lines.append(f"| {name} | {arm} | {row['step_ms']:.1f} | {row['step_ratio']:.2f}{spread} | "
                          f"{row['penalty_ms']:.1f} | {row['param_ratio']:.2f} | {row['saved_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
