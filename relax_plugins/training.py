@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ._checks import check_bool, check_int
 from .api import check_penalty_args, get_theta, penalty, project, projection_report, relaxed_modules, set_theta
 from .copying import module_copy
+from .optimizer_watch import OptimizerWatch
 from .schedules import Schedule, as_schedule
 
 __all__ = ["RelaxedTraining"]
@@ -107,6 +108,7 @@ class RelaxedTraining:
         self.position = 0  # index of the next advance()
         self.policy_steps = 0  # step() calls that ran the policy
         self.history: list[dict[str, float]] = []
+        self._watch = OptimizerWatch(model)  # warns if the optimiser never updates W (built before relax())
 
     @property
     def theta(self) -> float:
@@ -132,7 +134,11 @@ class RelaxedTraining:
         Raises:
             RuntimeError: with a learned policy, when :meth:`step` was not called since the last
                 :meth:`advance` (the policy would never move θ).
+
+        Warns (``RuntimeWarning``, once, in the first steps) when the model's own weights change but the
+        relaxation weights, which get gradients, do not: an optimiser built before ``relax()``.
         """
+        self._watch()
         if self.policy is not None:
             if self.position > self.policy_steps:
                 raise RuntimeError("RelaxedTraining with a learned θ policy: call run.step() after every "

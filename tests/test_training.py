@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 
 import pytest
 import torch
@@ -275,3 +276,43 @@ def test_policy_state_is_not_loaded_into_a_schedule_run_or_the_reverse():
         run.load_state_dict(scheduled.state_dict())
     with pytest.raises(TypeError):
         rp.RelaxedTraining(model, rp.LearnedModulation(model), total=1.5)
+
+
+# -- an optimiser that misses W ------------------------------------------------------------------
+def _loop(run, model, opt, steps: int, accumulate: int = 1) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, (x, y) in enumerate(batches(steps)):
+            run.advance()
+            run.loss((model(x) - y).square().mean()).backward()
+            if (i + 1) % accumulate == 0:
+                opt.step()
+                opt.zero_grad()
+    return [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_optimizer_built_before_relax_is_reported_once():
+    torch.manual_seed(3)
+    model = nn.Sequential(SO2Linear(3, 6), SO2Gate(), SO2Linear(6, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # before relax(): W is not in it
+    rp.relax(model)
+    caught = _loop(rp.RelaxedTraining(model, total=30), model, opt, 30)
+    assert len(caught) == 1 and "after relax()" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_no_warning_when_the_optimizer_holds_w(accumulate):
+    """θ = 0 at the start (W gets no gradient yet) and gradient accumulation (W unchanged between
+    micro-batches, with the base weights unchanged too) are not mistaken for a missing W."""
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    assert _loop(rp.RelaxedTraining(model, total=30), model, opt, 30, accumulate) == []
+    assert not torch.equal(model[0].term.weight, torch.zeros_like(model[0].term.weight))
+
+
+def test_no_warning_for_a_deliberately_frozen_w():
+    model = make_model()
+    for p in rp.relaxation_parameters(model):
+        p.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    assert _loop(rp.RelaxedTraining(model, total=30), model, opt, 30) == []
