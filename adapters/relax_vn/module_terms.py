@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from relax_plugins.term import may_modify_inputs
@@ -81,7 +80,7 @@ class VNModuleRelaxation(VNLinearRelaxation):
         out = base(*args, **kwargs)
         if not isinstance(out, Tensor):
             raise ValueError(f"relax_vn: a relaxed VN layer module must return a tensor, got {type(out).__name__}")
-        if torch.compiler.is_compiling() or bool(theta != 0):  # no data-dependent branch under torch.compile
+        if not self._exactly_base(theta):
             out = out + self.from_fibre(self.apply_weight(xf, theta), out)
         self._y = out.detach()
         return out

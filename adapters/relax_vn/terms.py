@@ -165,15 +165,20 @@ class VNLinearRelaxation(LinearRelaxation):
     def _blocks_eye(self, M: Tensor) -> Tensor:
         return torch.kron(torch.eye(3, dtype=M.dtype, device=M.device), M)
 
+    @staticmethod
+    def _exactly_base(theta: Tensor) -> bool:
+        """θ = 0: run the base layer alone (relax() and θ = 0 must not change outputs). Never while
+        torch.compile traces: the data-dependent branch broke the graph, and aot_autograd then failed
+        to replay the recorded input's view; compiled code is not bit-exact anyway, and θ·W·x = 0."""
+        return not torch.compiler.is_compiling() and not bool(theta != 0)
+
     def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         x = self.take_input(args, kwargs)
         xf = self.to_fibre(x)
         self._x = xf.detach()
         fusable = not kwargs and len(args) == 1 and isinstance(base, nn.Linear) and base.bias is None
         factors = self.factors()
-        # torch.compile: no data-dependent branch (a graph break there made aot_autograd fail to replay
-        # the recorded input's view); compiled code is not bit-exact anyway, and θ = 0 adds exactly 0
-        if not torch.compiler.is_compiling() and not bool(theta != 0):
+        if self._exactly_base(theta):
             # exactly the base layer: relax() and θ = 0 must not change outputs
             out = base(*args, **kwargs)
         elif fusable and (self.rank is None or factors is not None):

@@ -312,7 +312,7 @@ def markdown_table(results: list[dict], args: argparse.Namespace) -> str:
     for r in results:
         for i, (arm, row) in enumerate(r["arms"].items()):
             name = r["model"] if i == 0 else ""
-            lo, hi = row.get("step_ratio_quartiles", (row["step_ratio"], row["step_ratio"]))
+            lo, hi = row["step_ratio_quartiles"]
             spread = "" if arm == "standard" else f" ({lo:.2f}–{hi:.2f})"
             lines.append(f"| {name} | {arm} | {row['step_ms']:.1f} | {row['step_ratio']:.2f}{spread} | "
                          f"{row['penalty_ms']:.1f} | {row['param_ratio']:.2f} | {row['saved_ratio']:.2f} |")
