@@ -4,9 +4,13 @@ Every point is a full :mod:`examples.nbody.run` comparison (same data, seeds, ba
 written to its own folder, so the sweep resumes where it stopped (finished runs are kept, a running
 one continues from its checkpoint) and ``--report-only`` rebuilds the table and figure::
 
-    python -m examples.nbody.sweep                  # every point, 3 seeds, 2 runs side by side
+    python -m examples.nbody.sweep                  # every point, 3 seeds, 2 points side by side
     python -m examples.nbody.sweep --points peak_theta=0.1,n_train=300
     python -m examples.nbody.sweep --report-only    # docs/evidence/nbody_sweep.{json,png,md}
+
+``--workers k`` trains k points at once, each in its own process on one thread, its runs one after the
+other (largest points first): a point of one arm has 3 runs, which 2 workers inside it would leave
+half idle at the end.
 
 The base is the ``cpu`` preset (16x0e + 8x1o, 4 layers, Adam 3e-3 with cosine decay) at ``--steps``
 steps (1000, the short end of the issue's 1000–3000); each point changes one setting of the ``relaxed``
@@ -19,7 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import statistics
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -58,34 +65,97 @@ def points() -> dict[str, tuple[dict[str, Any], str]]:
     return out
 
 
-def _argv(name: str, settings: dict[str, Any], arms: str, a: argparse.Namespace) -> list[str]:
-    argv = ["--preset", "cpu", "--steps", str(a.steps), "--seeds", str(a.seeds), "--workers", str(a.workers),
+def _argv(name: str, settings: dict[str, Any], arms: str, a: argparse.Namespace, workers: int = 1) -> list[str]:
+    argv = ["--preset", "cpu", "--steps", str(a.steps), "--seeds", str(a.seeds), "--workers", str(workers),
             "--arms", arms, "--timing-steps", "0", "--checkpoint-every", "250", "--out", str(a.out / name)]
+    argv += shlex.split(a.run_args)
     for k, v in settings.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
-    return argv + (["--report-only"] if a.report_only else [])
+    return argv
 
 
-def report(results: dict[str, dict[str, Any]], out: Path) -> str:
-    """The sweep as a Markdown table (test MSE of the projected model, relative to ``standard`` of the
-    same data size) and ``nbody_sweep.json`` / ``.png`` beside ``out``."""
-    rows = ["| point | arm | seeds | test MSE (mean ± std) | vs standard | equivariance error |",
-            "| --- | --- | --- | --- | --- | --- |"]
-    record: dict[str, Any] = {}
-    for name, result in results.items():
-        settings = points()[name][0]
-        ref_name = name if "n_train" in settings else "base"
-        ref = results.get(ref_name, {}).get("summary", {}).get("standard")
-        for arm, s in result["summary"].items():
-            mse = [r["test_mse"] for r in result["runs"] if r["arm"] == arm]
-            ratio = s["test_mse_mean"] / ref["test_mse_mean"] if ref else float("nan")
-            rows.append(f"| {name} | {arm} | {s['n']} | {s['test_mse_mean']:.5f} ± {s['test_mse_std']:.5f} | "
-                        f"{ratio:.3f} | {s['equivariance_error_max']:.1e} |")
-            record.setdefault(name, {})[arm] = {"settings": settings, "test_mse": mse, "ratio_to_standard": ratio,
-                                                "equivariance_error_max": s["equivariance_error_max"]}
+def load_point(folder: Path, steps: int) -> dict[str, Any]:
+    """The finished runs of one point (``folder/runs/*.json``) trained for ``steps`` steps; runs of
+    another length are left out (they belong to another sweep).
+
+    Example:
+        >>> import tempfile
+        >>> load_point(Path(tempfile.mkdtemp()), 1000)
+        {'config': {'steps': 1000}, 'runs': []}
+    """
+    runs = []
+    for path in sorted((folder / "runs").glob("*.json")):
+        r = json.loads(path.read_text())
+        if r.get("run_config", {}).get("steps") == steps:
+            runs.append(r)
+    return {"config": {"steps": steps}, "runs": runs}
+
+
+def _paired(runs: list[dict[str, Any]], arm: str, ref: list[dict[str, Any]]) -> tuple[float, int, int]:
+    """(mean test MSE of ``arm`` / mean of the reference ``standard`` over the seeds both have,
+    seeds on which ``arm`` is better, seeds compared); NaN and 0 without a common seed."""
+    mine = {r["seed"]: r["test_mse"] for r in runs if r["arm"] == arm}
+    std = {r["seed"]: r["test_mse"] for r in ref if r["arm"] == "standard"}
+    common = sorted(set(mine) & set(std))
+    if not common:
+        return float("nan"), 0, 0
+    ratio = statistics.fmean(mine[s] for s in common) / statistics.fmean(std[s] for s in common)
+    return ratio, sum(mine[s] < std[s] for s in common), len(common)
+
+
+def report(results: dict[str, dict[str, Any]], out: Path, seeds: int = 3) -> str:
+    """The sweep as a Markdown table, written with ``nbody_sweep.json`` / ``.md`` / ``.png`` beside ``out``.
+
+    Every row is one (point, arm): test MSE of the best-validation projected model per seed, mean ±
+    std, the paired ratio to ``standard`` trained on the same data size (the ``base`` point, or the
+    point itself on the data-size axis) over the seeds both have, the seeds on which the arm is
+    better, and the largest equivariance error; then the points and runs still missing.
+
+    Example:
+        >>> import tempfile
+        >>> run = lambda arm, s, m: {"arm": arm, "seed": s, "test_mse": m, "equivariance_error": 1e-16}
+        >>> base = {"runs": [run("standard", 0, 1.0), run("relaxed", 0, 0.5)]}
+        >>> md = report({"base": base}, Path(tempfile.mkdtemp()) / "sweep", seeds=1)
+        >>> md.splitlines()[3]
+        '| base | relaxed | 1 | 0.50000 | 0.50000 ± 0.00000 | 0.500 | 1 of 1 | 1.0e-16 |'
+    """
+    rows = ["| point | arm | seeds | test MSE per seed | mean ± std | × standard (paired) | seeds better | "
+            "equivariance error (max) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    record: dict[str, Any] = {"steps": None, "points": {}, "missing": []}
+    everything = points()
+    for name, (settings, arms) in everything.items():
+        result = results.get(name)
+        if result is None:
+            record["missing"].append(name)
+            continue
+        record["steps"] = result.get("config", {}).get("steps", record["steps"])
+        ref_runs = results.get(name if "n_train" in settings else "base", {}).get("runs", [])
+        for arm in arms.split(","):
+            rs = sorted((r for r in result["runs"] if r["arm"] == arm), key=lambda r: r["seed"])
+            if len(rs) < seeds:
+                record["missing"] += [f"{name}/{arm}/seed{s}" for s in range(seeds)
+                                      if s not in {r["seed"] for r in rs}]
+            if not rs:
+                continue
+            mse = [r["test_mse"] for r in rs]
+            std = statistics.stdev(mse) if len(mse) > 1 else 0.0
+            eq = max(r["equivariance_error"] for r in rs)
+            ratio, better, compared = _paired(rs, arm, ref_runs) if arm != "standard" else (float("nan"), 0, 0)
+            rows.append(f"| {name} | {arm} | {len(rs)} | {' · '.join(f'{m:.5f}' for m in mse)} | "
+                        f"{statistics.fmean(mse):.5f} ± {std:.5f} | "
+                        + ("– | – |" if arm == "standard" else f"{ratio:.3f} | {better} of {compared} |")
+                        + f" {eq:.1e} |")
+            record["points"].setdefault(name, {})[arm] = {
+                "settings": settings, "seeds": [r["seed"] for r in rs], "test_mse": mse,
+                "ratio_to_standard": ratio, "seeds_better_than_standard": better, "equivariance_error_max": eq}
+    if record["missing"]:
+        rows += ["", f"missing: {', '.join(record['missing'])}"]
+    table = "\n".join(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / "nbody_sweep.json").write_text(json.dumps(record, indent=1))
-    _plot(record, out.parent / "nbody_sweep.png")
-    return "\n".join(rows)
+    (out.parent / "nbody_sweep.md").write_text(table + "\n")
+    _plot(record["points"], out.parent / "nbody_sweep.png")
+    return table
 
 
 def _plot(record: dict[str, Any], path: Path) -> None:
@@ -109,10 +179,17 @@ def _plot(record: dict[str, Any], path: Path) -> None:
             if xs:
                 ax.plot(xs, ys, marker="o", label=arm)
         ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_xscale("log" if axis != "peak_at" else "linear")
+        if axis == "peak_at":
+            ax.set_xscale("linear")
+        elif min(values) > 0:
+            ax.set_xscale("log")
+        else:  # W's initial scale starts at 0
+            ax.set_xscale("symlog", linthresh=min(v for v in values if v > 0))
         ax.set_xlabel(axis)
     axes[0].set_ylabel("test MSE / standard (seed means)")
-    axes[0].legend(fontsize=7)
+    if any(ax.get_legend_handles_labels()[0] for ax in axes):
+        axes[0].legend(*next(ax.get_legend_handles_labels() for ax in axes if ax.get_legend_handles_labels()[0]),
+                       fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -125,8 +202,12 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--points", default=None, help="comma-separated point names (default: all)")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--run-args", default="", help="more options of examples.nbody.run for every point, e.g. "
+                   "'--n-valid 100 --cache-dir /tmp/c' (a different value starts a different sweep)")
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args(argv)
+    if a.workers < 1:
+        p.error("--workers must be >= 1")
     chosen = points()
     if a.points:
         names = [n.strip() for n in a.points.split(",") if n.strip()]
@@ -134,12 +215,23 @@ def main(argv: list[str] | None = None) -> str:
         if unknown:
             p.error(f"unknown points {unknown}; choose from {sorted(chosen)}")
         chosen = {n: chosen[n] for n in names}
-    results = {}
-    for name, (settings, arms) in chosen.items():
-        if a.report_only and not (a.out / name / "runs").exists():
-            continue
-        results[name] = run_main(_argv(name, settings, arms, a))
-    table = report(results, a.out) if results else "no finished point yet"
+    if not a.report_only:
+        if a.workers == 1 or len(chosen) == 1:
+            for name, (settings, arms) in chosen.items():
+                run_main(_argv(name, settings, arms, a, workers=a.workers))
+        else:
+            import multiprocessing as mp
+
+            # largest points first, so that the last ones to finish are short
+            order = sorted(chosen, key=lambda n: -len(chosen[n][1].split(",")))
+            with ProcessPoolExecutor(max_workers=a.workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(run_main, _argv(n, *chosen[n], a)) for n in order]
+                for f in as_completed(futures):
+                    f.result()
+    # the table reads every point's finished runs (also those of earlier, partial invocations)
+    results = {name: load_point(a.out / name, a.steps) for name in points()}
+    results = {name: r for name, r in results.items() if r["runs"]}
+    table = report(results, a.out, a.seeds) if results else "no finished point yet"
     sys.stdout.write(table + "\n")
     return table
 
