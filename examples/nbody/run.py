@@ -700,7 +700,8 @@ def _git_commit() -> str:
 def evidence_record(result: dict[str, Any], missing: list[str]) -> dict[str, Any]:
     """The evidence file of a comparison: the protocol, per-arm per-seed numbers of the projected models,
     and the recipe a user should take — the relaxation arm with the lowest mean *validation* MSE once
-    every arm has at least 3 seeds (None before that: the choice is not made on the test set).
+    every arm has at least 3 seeds and no run is ``missing`` (None before that; the choice is never
+    made on the test set).
 
     Example:
         >>> runs = [{"arm": a, "seed": s, "test_mse": m, "best_val_mse": m, "best_step": 1,
@@ -708,8 +709,8 @@ def evidence_record(result: dict[str, Any], missing: list[str]) -> dict[str, Any
         >>> rec = evidence_record({"config": {"steps": 9}, "runs": runs}, missing=[])
         >>> rec["arms"]["dual"]["ratio_to_standard"], rec["arms"]["dual"]["seeds_better_than_standard"]
         (0.5, 3)
-        >>> rec["default_recipe"]
-        'dual'
+        >>> rec["default_recipe"], evidence_record({"config": {}, "runs": runs}, ["x/seed3"])["default_recipe"]
+        ('dual', None)
     """
     cfg = result["config"]
     protocol = {k: cfg.get(k) for k in ("steps", "batch", "lr", "lr_schedule", "weight_decay", "hidden", "layers",
@@ -735,10 +736,11 @@ def evidence_record(result: dict[str, Any], missing: list[str]) -> dict[str, Any
             rec["ratio_to_standard"] = statistics.fmean(a for a, _ in paired) / statistics.fmean(b for _, b in paired)
             rec["seeds_better_than_standard"] = sum(a < b for a, b in paired)
         arms[arm] = rec
+    # chosen on validation MSE once every arm has its 3 seeds (an arm still running may yet win)
     complete = {a: rs for a, rs in by_arm.items() if len(rs) >= 3}
     candidates = [a for a in complete if a != "standard"]
     default = (min(candidates, key=lambda a: statistics.fmean(r["best_val_mse"] for r in complete[a]))
-               if candidates and "standard" in complete else None)
+               if candidates and "standard" in complete and not missing else None)
     return {"protocol": protocol, "arms": arms, "default_recipe": default, "runs_remaining": missing}
 
 
