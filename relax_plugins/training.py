@@ -30,8 +30,9 @@ class RelaxedTraining:
         model: a model already passed through :func:`relax_plugins.relax`.
         schedule: the default ``"triangular"`` (θ 0 → 1 → 0, the paper's recipe; with the default ``lie``,
             ``norm`` and ``form`` it is the ``relaxed`` arm of the paper-length N-body evidence, the
-            arm that evidence chose on validation MSE, ``docs/evidence.md``), a :class:`~relax_plugins.schedules.Schedule`, a name ("triangular",
-            "linear_decay", "cosine", "constant"), a callable of t ∈ [0, 1], or a learned θ policy built on
+            arm that evidence chose on validation MSE, ``docs/evidence.md``), a
+            :class:`~relax_plugins.schedules.Schedule`, a name ("triangular", "linear_decay", "cosine",
+            "constant"), a callable of t ∈ [0, 1], or a learned θ policy built on
             this model (:class:`~relax_plugins.DualAscentTheta`, :class:`~relax_plugins.LearnedModulation`, or
             any object with ``layers``, ``step()``, ``penalty()``, ``finish()``, ``state_dict()`` and
             ``load_state_dict()``): call :meth:`step` after every ``optimizer.step()`` (it runs the policy's
