@@ -34,12 +34,12 @@ def test_every_point_changes_one_setting_of_the_base():
 
 def test_report_pairs_seeds_with_the_standard_of_the_same_data_size(tmp_path):
     results = {
-        "base": {"runs": [_run("standard", s, m) for s, m in enumerate((1.0, 2.0, 3.0))]
-                 + [_run("relaxed", s, m) for s, m in enumerate((0.5, 2.5, 1.5))]},
+        "base": [_run("standard", s, m) for s, m in enumerate((1.0, 2.0, 3.0))]
+        + [_run("relaxed", s, m) for s, m in enumerate((0.5, 2.5, 1.5))],
         # seed 2 missing: the ratio is over seeds 0 and 1 only, against base's standard
-        "peak_theta=0.1": {"runs": [_run("relaxed", 0, 2.0), _run("relaxed", 1, 1.0)]},
+        "peak_theta=0.1": [_run("relaxed", 0, 2.0), _run("relaxed", 1, 1.0)],
         # the data-size axis is compared with its own standard
-        "n_train=300": {"runs": [_run("standard", 0, 10.0), _run("relaxed", 0, 5.0), _run("dual", 0, 20.0)]},
+        "n_train=300": [_run("standard", 0, 10.0), _run("relaxed", 0, 5.0), _run("dual", 0, 20.0)],
     }
     table = sweep.report(results, tmp_path / "sweep", seeds=3)
     record = json.loads((tmp_path / "nbody_sweep.json").read_text())
@@ -62,8 +62,8 @@ def test_load_point_keeps_only_runs_of_the_sweep_length(tmp_path):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "relaxed_seed0.json").write_text(json.dumps(_run("relaxed", 0, 1.0, steps=1000)))
     (tmp_path / "runs" / "relaxed_seed1.json").write_text(json.dumps(_run("relaxed", 1, 1.0, steps=2000)))
-    assert [r["seed"] for r in sweep.load_point(tmp_path, 1000)["runs"]] == [0]
-    assert [r["seed"] for r in sweep.load_point(tmp_path, 2000)["runs"]] == [1]
+    assert [r["seed"] for r in sweep.load_point(tmp_path, 1000)] == [0]
+    assert [r["seed"] for r in sweep.load_point(tmp_path, 2000)] == [1]
 
 
 def test_unknown_point_and_bad_workers_are_refused(tmp_path):

@@ -697,6 +697,24 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def paired_to_standard(mse: dict[int, float], standard: dict[int, float]) -> tuple[float, int, int] | None:
+    """Seed-paired comparison of an arm's test MSE (seed → MSE) with ``standard``'s: (mean MSE / mean
+    standard MSE over the seeds both have, seeds on which the arm is better, seeds compared), or None
+    when they share no seed.
+
+    Example:
+        >>> paired_to_standard({0: 0.5, 1: 3.0, 2: 9.0}, {0: 1.0, 1: 2.0})
+        (1.1666666666666667, 1, 2)
+        >>> paired_to_standard({2: 1.0}, {0: 1.0}) is None
+        True
+    """
+    common = sorted(set(mse) & set(standard))
+    if not common:
+        return None
+    ratio = statistics.fmean(mse[s] for s in common) / statistics.fmean(standard[s] for s in common)
+    return ratio, sum(mse[s] < standard[s] for s in common), len(common)
+
+
 def evidence_record(result: dict[str, Any], missing: list[str]) -> dict[str, Any]:
     """The evidence file of a comparison: the protocol, per-arm per-seed numbers of the projected models,
     and the recipe a user should take — the relaxation arm with the lowest mean *validation* MSE once
@@ -731,10 +749,9 @@ def evidence_record(result: dict[str, Any], missing: list[str]) -> dict[str, Any
             "best_val_mse": [r["best_val_mse"] for r in rs], "best_step": [r["best_step"] for r in rs],
             "equivariance_error": [r["equivariance_error"] for r in rs],
         }
-        paired = [(r["test_mse"], std[r["seed"]]) for r in rs if r["seed"] in std]
-        if arm != "standard" and paired:
-            rec["ratio_to_standard"] = statistics.fmean(a for a, _ in paired) / statistics.fmean(b for _, b in paired)
-            rec["seeds_better_than_standard"] = sum(a < b for a, b in paired)
+        paired = paired_to_standard({r["seed"]: r["test_mse"] for r in rs}, std) if arm != "standard" else None
+        if paired is not None:
+            rec["ratio_to_standard"], rec["seeds_better_than_standard"], _ = paired
         arms[arm] = rec
     # chosen on validation MSE once every arm has its 3 seeds (an arm still running may yet win)
     complete = {a: rs for a, rs in by_arm.items() if len(rs) >= 3}

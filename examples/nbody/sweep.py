@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .run import main as run_main
+from .run import paired_to_standard
 
 # factor → values; the first value of each list that equals the base setting is the shared baseline
 AXES: dict[str, list[Any]] = {
@@ -74,38 +75,23 @@ def _argv(name: str, settings: dict[str, Any], arms: str, a: argparse.Namespace,
     return argv
 
 
-def load_point(folder: Path, steps: int) -> dict[str, Any]:
+def load_point(folder: Path, steps: int) -> list[dict[str, Any]]:
     """The finished runs of one point (``folder/runs/*.json``) trained for ``steps`` steps; runs of
     another length are left out (they belong to another sweep).
 
     Example:
         >>> import tempfile
         >>> load_point(Path(tempfile.mkdtemp()), 1000)
-        {'config': {'steps': 1000}, 'runs': []}
+        []
     """
-    runs = []
-    for path in sorted((folder / "runs").glob("*.json")):
-        r = json.loads(path.read_text())
-        if r.get("run_config", {}).get("steps") == steps:
-            runs.append(r)
-    return {"config": {"steps": steps}, "runs": runs}
+    runs = [json.loads(path.read_text()) for path in sorted((folder / "runs").glob("*.json"))]
+    return [r for r in runs if r.get("run_config", {}).get("steps") == steps]
 
 
-def _paired(runs: list[dict[str, Any]], arm: str, ref: list[dict[str, Any]]) -> tuple[float, int, int]:
-    """(mean test MSE of ``arm`` / mean of the reference ``standard`` over the seeds both have,
-    seeds on which ``arm`` is better, seeds compared); NaN and 0 without a common seed."""
-    mine = {r["seed"]: r["test_mse"] for r in runs if r["arm"] == arm}
-    std = {r["seed"]: r["test_mse"] for r in ref if r["arm"] == "standard"}
-    common = sorted(set(mine) & set(std))
-    if not common:
-        return float("nan"), 0, 0
-    ratio = statistics.fmean(mine[s] for s in common) / statistics.fmean(std[s] for s in common)
-    return ratio, sum(mine[s] < std[s] for s in common), len(common)
-
-
-def report(results: dict[str, dict[str, Any]], out: Path, seeds: int = 3) -> str:
+def report(results: dict[str, list[dict[str, Any]]], out: Path, seeds: int = 3, steps: int | None = None) -> str:
     """The sweep as a Markdown table, written with ``nbody_sweep.json`` / ``.md`` / ``.png`` beside ``out``.
 
+    ``results`` maps a point to its finished runs (:func:`load_point`); ``steps`` is recorded in the JSON.
     Every row is one (point, arm): test MSE of the best-validation projected model per seed, mean ±
     std, the paired ratio to ``standard`` trained on the same data size (the ``base`` point, or the
     point itself on the data-size axis) over the seeds both have, the seeds on which the arm is
@@ -114,24 +100,22 @@ def report(results: dict[str, dict[str, Any]], out: Path, seeds: int = 3) -> str
     Example:
         >>> import tempfile
         >>> run = lambda arm, s, m: {"arm": arm, "seed": s, "test_mse": m, "equivariance_error": 1e-16}
-        >>> base = {"runs": [run("standard", 0, 1.0), run("relaxed", 0, 0.5)]}
+        >>> base = [run("standard", 0, 1.0), run("relaxed", 0, 0.5)]
         >>> md = report({"base": base}, Path(tempfile.mkdtemp()) / "sweep", seeds=1)
         >>> md.splitlines()[3]
         '| base | relaxed | 1 | 0.50000 | 0.50000 ± 0.00000 | 0.500 | 1 of 1 | 1.0e-16 |'
     """
     rows = ["| point | arm | seeds | test MSE per seed | mean ± std | × standard (paired) | seeds better | "
             "equivariance error (max) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    record: dict[str, Any] = {"steps": None, "points": {}, "missing": []}
-    everything = points()
-    for name, (settings, arms) in everything.items():
-        result = results.get(name)
-        if result is None:
+    record: dict[str, Any] = {"steps": steps, "points": {}, "missing": []}
+    for name, (settings, arms) in points().items():
+        if name not in results:
             record["missing"].append(name)
             continue
-        record["steps"] = result.get("config", {}).get("steps", record["steps"])
-        ref_runs = results.get(name if "n_train" in settings else "base", {}).get("runs", [])
+        ref = {r["seed"]: r["test_mse"] for r in results.get(name if "n_train" in settings else "base", [])
+               if r["arm"] == "standard"}
         for arm in arms.split(","):
-            rs = sorted((r for r in result["runs"] if r["arm"] == arm), key=lambda r: r["seed"])
+            rs = sorted((r for r in results[name] if r["arm"] == arm), key=lambda r: r["seed"])
             if len(rs) < seeds:
                 record["missing"] += [f"{name}/{arm}/seed{s}" for s in range(seeds)
                                       if s not in {r["seed"] for r in rs}]
@@ -140,7 +124,8 @@ def report(results: dict[str, dict[str, Any]], out: Path, seeds: int = 3) -> str
             mse = [r["test_mse"] for r in rs]
             std = statistics.stdev(mse) if len(mse) > 1 else 0.0
             eq = max(r["equivariance_error"] for r in rs)
-            ratio, better, compared = _paired(rs, arm, ref_runs) if arm != "standard" else (float("nan"), 0, 0)
+            paired = paired_to_standard({r["seed"]: r["test_mse"] for r in rs}, ref) if arm != "standard" else None
+            ratio, better, compared = paired or (float("nan"), 0, 0)
             rows.append(f"| {name} | {arm} | {len(rs)} | {' · '.join(f'{m:.5f}' for m in mse)} | "
                         f"{statistics.fmean(mse):.5f} ± {std:.5f} | "
                         + ("– | – |" if arm == "standard" else f"{ratio:.3f} | {better} of {compared} |")
@@ -187,9 +172,9 @@ def _plot(record: dict[str, Any], path: Path) -> None:
             ax.set_xscale("symlog", linthresh=min(v for v in values if v > 0))
         ax.set_xlabel(axis)
     axes[0].set_ylabel("test MSE / standard (seed means)")
-    if any(ax.get_legend_handles_labels()[0] for ax in axes):
-        axes[0].legend(*next(ax.get_legend_handles_labels() for ax in axes if ax.get_legend_handles_labels()[0]),
-                       fontsize=7)
+    labelled = next((hl for hl in (ax.get_legend_handles_labels() for ax in axes) if hl[0]), None)
+    if labelled is not None:
+        axes[0].legend(*labelled, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -229,9 +214,8 @@ def main(argv: list[str] | None = None) -> str:
                 for f in as_completed(futures):
                     f.result()
     # the table reads every point's finished runs (also those of earlier, partial invocations)
-    results = {name: load_point(a.out / name, a.steps) for name in points()}
-    results = {name: r for name, r in results.items() if r["runs"]}
-    table = report(results, a.out, a.seeds) if results else "no finished point yet"
+    results = {name: runs for name in points() if (runs := load_point(a.out / name, a.steps))}
+    table = report(results, a.out, a.seeds, a.steps) if results else "no finished point yet"
     sys.stdout.write(table + "\n")
     return table
 
