@@ -106,6 +106,8 @@ class Config:
     lambda_lie: float = 1e-2
     lambda_norm: float = 1e-2
     penalty_form: str = "sqrt"
+    # compute the penalty on every k-th step only, k-fold (RelaxedTraining(penalty_every=k)): the cheap option
+    penalty_every: int = 1
     peak_theta: float = 1.0
     peak_at: float = 0.5  # where the triangular schedule peaks (fraction of training)
     init_std: float = 0.0  # std of a random initial W (0: W starts at 0)
@@ -384,6 +386,8 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
                   {"params": rp.relaxation_parameters(model), "lr": cfg.w_lr}]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_trained = sum(p.numel() for p in model.parameters())
+    if isinstance(cfg.penalty_every, bool) or not isinstance(cfg.penalty_every, int) or cfg.penalty_every < 1:
+        raise ValueError(f"penalty_every must be an int >= 1, got {cfg.penalty_every!r}")
     if cfg.lr_schedule not in ("cosine", "none"):
         raise ValueError(f"lr_schedule must be 'cosine' or 'none', got {cfg.lr_schedule!r}")
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps) if cfg.lr_schedule == "cosine" \
@@ -456,8 +460,10 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         loss = (model(loc, vel, q) - tgt).square().mean()
-        if relaxed and (spec["lie"] > 0 or spec["norm"] > 0):
-            loss = loss + rp.penalty(model, lie=spec["lie"], norm=spec["norm"], form=cfg.penalty_form)
+        if relaxed and (spec["lie"] > 0 or spec["norm"] > 0) and step % cfg.penalty_every == 0:
+            # as RelaxedTraining(penalty_every=k): k-fold on steps 0, k, 2k, ... (by step, so a resumed run agrees)
+            pen = rp.penalty(model, lie=spec["lie"], norm=spec["norm"], form=cfg.penalty_form)
+            loss = loss + (pen if cfg.penalty_every == 1 else cfg.penalty_every * pen)
         if policy is not None:
             loss = loss + policy.penalty()
         opt.zero_grad(set_to_none=True)
@@ -924,7 +930,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
                       ("out", str), ("weight-decay", float), ("lowrank-rank", int), ("dual-init", float),
                       ("dual-lr", float), ("slack-cost", float), ("slack-lr", float),
                       ("checkpoint-every", int), ("theta-trace-every", int), ("peak-at", float),
-                      ("init-std", float), ("w-lr", float),
+                      ("init-std", float), ("w-lr", float), ("penalty-every", int),
                       ("evidence", str)):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ALL_ARMS)}")

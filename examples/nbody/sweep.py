@@ -15,7 +15,8 @@ half idle at the end.
 The base is the ``cpu`` preset (16x0e + 8x1o, 4 layers, Adam 3e-3 with cosine decay) at ``--steps``
 steps (1000, the short end of the issue's 1000–3000); each point changes one setting of the ``relaxed``
 arm (triangular θ):
-θ peak, λ_LD, λ_N, where the peak sits, W's initial scale and W's own learning rate. The data-size
+θ peak, λ_LD, λ_N, where the peak sits, W's initial scale, W's own learning rate and how often the
+penalty is computed (``penalty_every = k``: k-fold on every k-th step, the cheap option). The data-size
 axis trains ``standard``, ``relaxed`` and ``dual`` on 300 / 1000 / 3000 trajectories.
 """
 
@@ -42,9 +43,10 @@ AXES: dict[str, list[Any]] = {
     "init_std": [0.0, 1e-3, 1e-2],
     "w_lr": [3e-4, 3e-3, 1e-2],
     "n_train": [300, 1000, 3000],
+    "penalty_every": [1, 4, 8],
 }
 BASE = {"peak_theta": 1.0, "lambda_lie": 1e-2, "lambda_norm": 1e-2, "peak_at": 0.5, "init_std": 0.0, "w_lr": 3e-3,
-        "n_train": 3000}
+        "n_train": 3000, "penalty_every": 1}
 OUT = Path("docs/evidence/nbody_sweep")
 
 
@@ -56,7 +58,7 @@ def points() -> dict[str, tuple[dict[str, Any], str]]:
         >>> p["base"], p["peak_theta=0.1"]
         (({}, 'standard,relaxed,dual'), ({'peak_theta': 0.1}, 'relaxed'))
         >>> len(p)
-        15
+        17
     """
     out: dict[str, tuple[dict[str, Any], str]] = {"base": ({}, "standard,relaxed,dual")}
     for axis, values in AXES.items():
