@@ -13,6 +13,7 @@ from .penalties import (  # noqa: F401
     _check_penalty_terms,
     _raise_non_finite,
     check_penalty_args,
+    layers_penalty,
     penalty,
 )
 from .projection import (  # noqa: F401

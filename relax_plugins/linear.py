@@ -105,16 +105,21 @@ class LinearRelaxation(RelaxationTerm):
         W = self.weight if self.rank is None else self.lora_b @ self.lora_a
         return W if self.subgroup is None else self.subgroup(W)
 
-    def apply_weight(self, v: Tensor, theta: Tensor | None = None) -> Tensor:
-        """W (or θ·W) applied to the last axis of ``v``.
+    def apply_weight(self, v: Tensor, theta: Tensor | None = None, add_to: Tensor | None = None) -> Tensor:
+        """W (or θ·W) applied to the last axis of ``v`` (``add_to`` + that, in one product).
 
         θ scales the (d_out, d_in) matrix, not the (n, d_out) product: one small multiplication
-        instead of a pass over the activations, forward and backward.
+        instead of a pass over the activations, forward and backward; ``add_to`` (the layer's own
+        output, (..., d_out) as ``v``'s result) saves another.
         """
         if self.subgroup is not None or self.rank is None:
             W = self.dense() if self.subgroup is not None else self.weight
-            return v @ (W if theta is None else theta.to(W.dtype) * W).T
-        return low_rank_apply(v, self.lora_a, self.lora_b, theta)
+            tw = W if theta is None else theta.to(W.dtype) * W
+            if add_to is None:
+                return v @ tw.T
+            flat = torch.addmm(add_to.reshape(-1, tw.shape[0]), v.reshape(-1, tw.shape[1]), tw.T)
+            return flat.reshape(add_to.shape)
+        return low_rank_apply(v, self.lora_a, self.lora_b, theta, add_to=add_to)
 
     def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Any:
         # x is read before the base layer runs: an in-place update of the argument (x.add_(...))

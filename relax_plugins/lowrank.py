@@ -7,87 +7,101 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["low_rank_apply", "low_rank_moments", "use_factors", "FACTORED_MIN_RATIO", "FUSED_FACTORED_MIN_RATIO"]
+__all__ = ["low_rank_apply", "low_rank_moments", "use_factors", "FACTORED_MIN_RATIO", "FUSED_FACTORED_MIN_RATIO",
+           "FACTORED_MIN_WORK"]
 
 
-#: use the factors when dense W·x costs at least this many times the factored FLOPs, r·(d_in + d_out);
-#: below it, skinny (r-wide) GEMMs are memory-bound and B·A formed once is as fast as a dense W.
-#: Measured on one CPU core (n = 500–20000, d = 24–384, r = 4–8): the factored path won 2–4× at
-#: ratios 12–24, tied at 6–7 and lost up to 2× at 3–5, where forming B·A matched dense W to ±5 %.
-FACTORED_MIN_RATIO = 10.0
-#: the same threshold when a block-diagonal base map (I ⊗ M) is fused in (vector neurons): the dense
-#: alternative then also carries the base map in one GEMM, and the factored path won only from ~16 on
-#: (VN-PointNet's layers: 2× slower at 1.6–6, 1.7× at 13, 1.1× faster at 16, 1.2× at 32)
-FUSED_FACTORED_MIN_RATIO = 16.0
+#: apply W through its factors when dense W·x costs at least this many times the factored FLOPs,
+#: r·(d_in + d_out) per row. The factors' products are r-thin; laid out with the thin side first
+#: (A·xᵀ, Bᵀ·gᵀ: r × n results) they run at full speed, while n × r results (x·Aᵀ) are memory-bound
+#: and 3-10× slower. Measured on one CPU core, W·x forward and backward (n = 500–8000, d = 16–192,
+#: r = 4–8), against B·A formed once and used as a dense W: the factored path won 1.1-1.6× at
+#: ratios 3.5–8.6 and 2-4× from 13 on, and lost 1.13–1.3× at ratios 2–3.
+FACTORED_MIN_RATIO = 3.5
+#: the same threshold when a block-diagonal base map (I ⊗ M) is fused in (vector neurons): the
+#: alternative then carries the base map in the same GEMM, while the factored path applies M block
+#: by block, a thin product itself; measured: 1.3–2× slower at ratios 3.6–6, 1.2× faster at 13, 1.4× at 24
+FUSED_FACTORED_MIN_RATIO = 12.0
+#: and only when the dense product has at least this many multiply-adds (rows · d_in · d_out): below
+#: it the factored path's fixed cost (an autograd node with a Python backward) outweighs its saving
+#: (measured: lost 4 % at 0.8e6, won 8 % at 1.6e6 and 13 % at 2e6)
+FACTORED_MIN_WORK = 1e6
 
 
-def use_factors(d_in: int, d_out: int, rank: int, fused_base: bool = False) -> bool:
+def use_factors(d_in: int, d_out: int, rank: int, rows: int | None = None, fused_base: bool = False) -> bool:
     """Whether a rank-``rank`` W on a (d_in → d_out) layer is cheaper applied through its factors
     than formed as B·A (see :data:`FACTORED_MIN_RATIO`; ``fused_base``: with a fused block-diagonal
-    base map, :data:`FUSED_FACTORED_MIN_RATIO`).
+    base map, :data:`FUSED_FACTORED_MIN_RATIO`; ``rows``: the number of rows W is applied to, checked
+    against :data:`FACTORED_MIN_WORK`; None: the layer's shape alone, as the penalty decides).
 
     Example:
-        >>> use_factors(384, 384, 8), use_factors(40, 40, 4)
-        (True, False)
+        >>> use_factors(384, 384, 8), use_factors(40, 40, 4), use_factors(82, 48, 4, rows=2000)
+        (True, True, True)
+        >>> use_factors(82, 48, 4, rows=100), use_factors(24, 24, 4), use_factors(72, 72, 4, fused_base=True)
+        (False, False, False)
     """
     ratio = FUSED_FACTORED_MIN_RATIO if fused_base else FACTORED_MIN_RATIO
-    return d_in * d_out >= ratio * rank * (d_in + d_out)
+    if d_in * d_out < ratio * rank * (d_in + d_out):
+        return False
+    return rows is None or rows * d_in * d_out >= FACTORED_MIN_WORK
 
 
 class _LowRankApply(torch.autograd.Function):
     """θ·(x Aᵀ) Bᵀ [+ x (I_blocks ⊗ M)ᵀ], saving only x and the factors for backward.
 
-    Backward uses r-wide products only (x Aᵀ is recomputed, never saved): O(n·r·(d_in + d_out))
-    time, and no activation memory beyond the input that a dense W keeps too.
+    Every r-thin product is computed with its r × n side as the result (A·xᵀ, Bᵀ·gᵀ), the layout in
+    which a BLAS runs them at full speed; x Aᵀ is recomputed in backward, never saved: O(n·r·(d_in +
+    d_out)) time, and no activation memory beyond the input that a dense W keeps too.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, A: Tensor, B: Tensor, theta: Tensor | None, M: Tensor | None,
-                blocks: int) -> Tensor:
-        xa = x @ A.T
-        out = xa @ B.T
+                blocks: int, y: Tensor | None) -> Tensor:
+        u = A @ x.T  # (r, n)
+        Bt = (B if theta is None else theta.to(B.dtype) * B).T
+        out = u.T @ Bt if y is None else torch.addmm(y, u.T, Bt)  # y + …: the sum in the same pass
         dt = out.dtype  # under autocast, the dtype the products ran in
-        if theta is not None:
-            out = theta.to(dt) * out
         if M is not None:
             n = x.shape[0]
             base = (x.reshape(n * blocks, -1) @ M.T).reshape(n, -1)
             out = base.to(dt) + out
         ctx.save_for_backward(x, A, B, theta, M)
         ctx.blocks, ctx.dt = blocks, dt
+        ctx.y_dtype = None if y is None else y.dtype
         return out
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, A, B, theta, M = ctx.saved_tensors
-        need_x, need_a, need_b, need_t, need_m, _ = ctx.needs_input_grad
+        need_x, need_a, need_b, need_t, need_m, _, need_y = ctx.needs_input_grad
         dt, blocks = ctx.dt, ctx.blocks
+        gy = g.to(ctx.y_dtype) if need_y else None
         g, x, A, B = g.to(dt), x.to(dt), A.to(dt), B.to(dt)
         th = None if theta is None else theta.to(dt)
         gx = ga = gb = gt = gm = None
-        gB = g @ B if (need_x or need_a) else None  # (n, r)
-        if need_a:
-            ga = gB.T @ x if th is None else th * (gB.T @ x)
+        if need_x or need_a:
+            v = (B if th is None else th * B).T @ g.T  # (r, n): θ Bᵀ gᵀ
+            ga = v @ x if need_a else None
+            gx = v.T @ A if need_x else None
         if need_b or need_t:
-            gbr = g.T @ (x @ A.T)  # (d_out, r): ∂/∂B of ⟨g, (x Aᵀ) Bᵀ⟩
-            gb = (gbr if th is None else th * gbr) if need_b else None
-            gt = (gbr * B).sum() if need_t else None  # ⟨gᵀ x, B A⟩ without forming B A
+            ug = (A @ x.T) @ g  # (r, d_out): ∂/∂Bᵀ of ⟨g, (x Aᵀ) Bᵀ⟩
+            gb = (ug if th is None else th * ug).T if need_b else None
+            gt = (ug * B.T).sum() if need_t else None  # ⟨gᵀ x, B A⟩ without forming B A
         if need_m:
             c_out, c_in = M.shape
             gm = g.reshape(-1, c_out).T @ x.reshape(-1, c_in)  # the base map's own gradient, Σ over blocks
-        if need_x:
-            gx = gB @ A if th is None else th * (gB @ A)
-            if M is not None:
-                n = x.shape[0]
-                gx = gx + (g.reshape(n * blocks, -1) @ M.to(dt)).reshape(x.shape)
-        return gx, ga, gb, gt, gm, None
+        if need_x and M is not None:
+            n = x.shape[0]
+            gx = gx + (g.reshape(n * blocks, -1) @ M.to(dt)).reshape(x.shape)
+        return gx, ga, gb, gt, gm, None, gy
 
 
 def low_rank_apply(
-    x: Tensor, A: Tensor, B: Tensor, theta: Tensor | None = None, M: Tensor | None = None, blocks: int = 1
+    x: Tensor, A: Tensor, B: Tensor, theta: Tensor | None = None, M: Tensor | None = None, blocks: int = 1,
+    add_to: Tensor | None = None,
 ) -> Tensor:
     """θ·(B·A) applied to the last axis of ``x``, plus an optional block-diagonal base map:
-    ``x (I_blocks ⊗ M)ᵀ + θ (x Aᵀ) Bᵀ``.
+    ``x (I_blocks ⊗ M)ᵀ + θ (x Aᵀ) Bᵀ`` (+ ``add_to``).
 
     Wide layers (:func:`use_factors`) go through the factors: B·A is never formed and only ``x``
     and the factors are saved for backward, O(n·r·(d_in + d_out)) time. Narrow ones form B·A once
@@ -102,27 +116,33 @@ def low_rank_apply(
         M: optional (c_out, c_in) base map applied to each of ``blocks`` consecutive chunks of x's
             last axis (d_in = blocks·c_in, d_out = blocks·c_out).
         blocks: number of chunks M acts on.
+        add_to: optional (..., d_out) tensor (the layer's own output) added in the same product
+            (``addmm``), which saves a pass over the output forward and backward.
 
     Returns:
         (..., d_out) tensor.
 
     Example:
         >>> import torch
-        >>> x, A, B = torch.randn(5, 3), torch.randn(2, 3), torch.randn(4, 2)
+        >>> x, A, B, y = torch.randn(5, 3), torch.randn(2, 3), torch.randn(4, 2), torch.randn(5, 4)
         >>> bool(torch.allclose(low_rank_apply(x, A, B), x @ (B @ A).T, atol=1e-6))
+        True
+        >>> bool(torch.allclose(low_rank_apply(x, A, B, add_to=y), y + x @ (B @ A).T, atol=1e-6))
         True
     """
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     r, d_in = A.shape
-    if not use_factors(d_in, B.shape[0], r, fused_base=M is not None):
+    d_out = B.shape[0]
+    y = None if add_to is None else add_to.reshape(-1, d_out)
+    if not use_factors(d_in, d_out, r, rows=flat.shape[0], fused_base=M is not None):
         W = B @ A if theta is None else theta.to(A.dtype) * (B @ A)
         if M is not None:
             W = torch.kron(torch.eye(blocks, dtype=M.dtype, device=M.device), M) + W
-        out = flat @ W.T
+        out = flat @ W.T if y is None else torch.addmm(y, flat, W.T)
     else:
-        out = _LowRankApply.apply(flat, A, B, theta, M, blocks)
-    return out.reshape(*lead, out.shape[-1])
+        out = _LowRankApply.apply(flat, A, B, theta, M, blocks, y)
+    return out.reshape(*lead, d_out)
 
 
 def low_rank_moments(A: Tensor, B: Tensor, G_in: Tensor, G_out: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:

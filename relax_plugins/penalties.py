@@ -13,7 +13,7 @@ from .relaxed import _require_relaxed
 from .term import LinearRelaxation, PenaltyTerms, moment_penalties
 from .wrapper import RelaxedModule
 
-__all__ = ["penalty", "check_penalty_args", "PENALTY_FORMS"]
+__all__ = ["penalty", "layers_penalty", "check_penalty_args", "PENALTY_FORMS"]
 
 PENALTY_FORMS = ("sqrt", "mean", "paper")
 
@@ -63,7 +63,13 @@ def penalty(
         True
     """
     lie, norm, form, eps = check_penalty_args(lie, norm, form, eps)
-    layers = _require_relaxed(model, "penalty")
+    return layers_penalty(_require_relaxed(model, "penalty"), lie, norm, form, eps)
+
+
+def layers_penalty(layers: list[tuple[str, RelaxedModule]], lie: float, norm: float, form: str, eps: float) -> Tensor:
+    """:func:`penalty` of the relaxed layers ``layers`` ((name, layer) pairs, as
+    :func:`~relax_plugins.relaxed_modules` gives them) with validated settings: for callers that
+    found the layers once (a model's module tree can take a millisecond to walk)."""
     per_layer = _all_penalty_terms(layers)
     lie_total: Tensor | float = 0.0
     norm_total: Tensor | float = 0.0

@@ -10,9 +10,18 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_bool, check_int
-from .api import check_penalty_args, get_theta, penalty, project, projection_report, relaxed_modules, set_theta
+from .api import (
+    check_penalty_args,
+    get_theta,
+    layers_penalty,
+    project,
+    projection_report,
+    relaxed_modules,
+    set_theta,
+)
 from .copying import module_copy
 from .optimizer_watch import OptimizerWatch
+from .relaxed import _require_relaxed
 from .schedules import Schedule, as_schedule
 
 __all__ = ["RelaxedTraining"]
@@ -100,9 +109,12 @@ class RelaxedTraining:
             raise ValueError("total is required unless schedule is a Schedule instance")
         else:
             check_int(total, "total", minimum=1)
-        self.lie, self.norm, self.form, _ = check_penalty_args(lie, norm, form, 1e-12)
+        self.lie, self.norm, self.form, self._eps = check_penalty_args(lie, norm, form, 1e-12)
         self.penalty_every = check_int(penalty_every, "penalty_every", minimum=1)
         self.model = model
+        self._layers: list[tuple[str, nn.Module]] = []
+        self._places: list[tuple[nn.Module | None, str, nn.Module]] = []
+        self._find_layers()
         self.total = total
         self.schedule = None if self.policy is not None else as_schedule(schedule, total=total or 1)
         self.penalty_calls = 0  # penalty() calls so far: with penalty_every = k, calls 0, k, 2k, ... compute it
@@ -111,12 +123,29 @@ class RelaxedTraining:
         self.history: list[dict[str, float]] = []
         self._watch = OptimizerWatch(model)  # warns if the optimiser never updates W (built before relax())
 
+    def _find_layers(self) -> None:
+        """The relaxed layers and where each sits (parent module, attribute): walking a large
+        module tree costs ~1 ms, checking that every layer is still in its place microseconds."""
+        self._layers = _require_relaxed(self.model, "RelaxedTraining")
+        self._places = []
+        for name, layer in self._layers:
+            parent, _, attr = name.rpartition(".")
+            self._places.append((self.model.get_submodule(parent) if name else None, attr, layer))
+
+    def _current_layers(self) -> list[tuple[str, nn.Module]]:
+        """The relaxed layers, found again when one left its place (projected, replaced)."""
+        for parent, attr, layer in self._places:
+            if (self.model if parent is None else parent._modules.get(attr)) is not layer:
+                self._find_layers()  # NotRelaxedError when no relaxed layer is left
+                break
+        return self._layers
+
     @property
     def theta(self) -> float:
         """θ of the current index (with a learned policy: the mean over layers)."""
         if self.policy is not None:
             # one host sync for all layers (advance() and loss() read this every step)
-            thetas = [layer.theta.detach().double() for _, layer in relaxed_modules(self.model)]
+            thetas = [layer.theta.detach().double() for _, layer in self._current_layers()]
             return float(torch.stack(thetas).mean())
         return self.schedule(max(self.position - 1, 0))
 
@@ -170,13 +199,13 @@ class RelaxedTraining:
         zero otherwise, with ``penalty_every = k``)."""
         k, call = self.penalty_every, self.penalty_calls
         self.penalty_calls += 1
-        if k == 1:
-            out = penalty(self.model, self.lie, self.norm, form=self.form)
-        elif call % k:
-            theta = next(relaxed_modules(self.model))[1].theta
+        layers = self._current_layers()
+        if call % k:
+            theta = layers[0][1].theta
             out = torch.zeros((), dtype=theta.dtype, device=theta.device)
         else:
-            out = k * penalty(self.model, self.lie, self.norm, form=self.form)
+            out = layers_penalty(layers, self.lie, self.norm, self.form, self._eps)
+            out = out if k == 1 else k * out
         # the policy's own term (dual ascent's λ·γ) on every call: it is what moves θ
         return out if self.policy is None else out + self.policy.penalty()
 

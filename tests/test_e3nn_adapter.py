@@ -514,3 +514,17 @@ def test_torch_compile_relaxed_e3nn_model_matches_eager(rank):
     assert torch.allclose(pen, pen_eager, rtol=1e-5)
     (out.square().mean() + pen).backward()
     assert all(p.grad is not None for p in rp.relaxation_parameters(model))
+
+
+def test_generators_first_built_inside_a_torch_func_transform():
+    """A first penalty under the caller's torch.func transform (hessian of the penalty in W) builds
+    the generators there: they must come out right and stay usable outside it."""
+    from relax_e3nn import irreps as ir
+
+    ir._so3_generators64.cache_clear()
+    ir._BUILT.clear()
+    t = torch.tensor(1.0, dtype=torch.float64)
+    grad = torch.func.grad(lambda s: (ir.so3_generators64(3) * s).sum())(t)
+    outside = ir.so3_generators64(3)
+    assert float(grad) == float(outside.sum())
+    assert torch.allclose(outside[0] @ outside[1] - outside[1] @ outside[0], outside[2], atol=1e-12)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 import relax_plugins as rp
-from relax_plugins import LinearRelaxation, Symmetry
+from relax_plugins import LinearRelaxation, Symmetry, lowrank
 from relax_plugins.diagnostics import saved_tensor_bytes
 from relax_plugins.lowrank import use_factors
 from relax_plugins.symmetry import group_defect, lie_defect
@@ -59,9 +59,11 @@ def assert_same_value_and_grads(got: tuple[Tensor, ...], ref: tuple[Tensor, ...]
 @pytest.mark.parametrize("with_theta", [False, True])
 @pytest.mark.parametrize("blocks", [0, 1, 3])
 @pytest.mark.parametrize("d_in,d_out", [(6, 9), (72, 72)], ids=["narrow", "wide"])
-def test_low_rank_apply_gradcheck(with_theta, blocks, d_in, d_out):
-    # narrow: B·A is formed (cheaper there); wide: applied through the factors' own backward
-    assert use_factors(d_in, d_out, 2, fused_base=blocks > 0) == (d_in == 72)
+def test_low_rank_apply_gradcheck(with_theta, blocks, d_in, d_out, monkeypatch):
+    # narrow: B·A is formed (cheaper there); wide: applied through the factors' own backward (at any
+    # number of rows here: gradcheck needs few, and the path is what is under test)
+    monkeypatch.setattr(lowrank, "FACTORED_MIN_WORK", 0)
+    assert use_factors(d_in, d_out, 2, rows=7, fused_base=blocks > 0) == (d_in == 72)
     x = torch.randn(7, d_in, dtype=F64, requires_grad=True)
     A = torch.randn(2, d_in, dtype=F64, requires_grad=True)
     B = torch.randn(d_out, 2, dtype=F64, requires_grad=True)
@@ -82,13 +84,34 @@ def test_low_rank_apply_gradcheck(with_theta, blocks, d_in, d_out):
     while type(fn).__name__ in ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0"):
         fn = fn.next_functions[0][0]
     node = type(fn).__name__
-    assert (node == "_LowRankApplyBackward") == use_factors(d_in, d_out, 2, fused_base=blocks > 0), node
+    assert (node == "_LowRankApplyBackward") == use_factors(d_in, d_out, 2, rows=7, fused_base=blocks > 0), node
     ref = (th if with_theta else 1.0) * (x @ (B @ A).T)
     if M is not None:
         ref = ref + x @ torch.kron(torch.eye(blocks, dtype=F64), M).T
     assert_close(f(*inputs), ref)
     # leading batch axes are kept
     assert low_rank_apply(torch.randn(3, 4, d_in, dtype=F64), A, B).shape == (3, 4, d_out)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["formed", "factored"])
+@pytest.mark.parametrize("blocks", [0, 3])
+def test_low_rank_apply_add_to_gradcheck(wide, blocks, monkeypatch):
+    # add_to: the layer's own output summed in the same product; its gradient passes through unchanged
+    monkeypatch.setattr(lowrank, "FACTORED_MIN_WORK", 0)
+    d = 72 if wide else 6
+    x = torch.randn(5, d, dtype=F64, requires_grad=True)
+    A = torch.randn(2, d, dtype=F64, requires_grad=True)
+    B = torch.randn(d, 2, dtype=F64, requires_grad=True)
+    th = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    y = torch.randn(5, d, dtype=F64, requires_grad=True)
+    M = torch.randn(d // 3, d // 3, dtype=F64, requires_grad=True) if blocks else None
+    if blocks:
+        assert torch.autograd.gradcheck(lambda *t: low_rank_apply(t[0], t[1], t[2], t[3], t[5], 3, add_to=t[4]),
+                                        (x, A, B, th, y, M))
+    else:
+        assert torch.autograd.gradcheck(lambda *t: low_rank_apply(*t[:4], add_to=t[4]), (x, A, B, th, y))
+    ref = y + th * (x @ (B @ A).T) + (0 if M is None else x @ torch.kron(torch.eye(3, dtype=F64), M).T)
+    assert_close(low_rank_apply(x, A, B, th, M, 3 if blocks else 1, add_to=y), ref)
 
 
 def test_low_rank_apply_under_bf16_autocast():

@@ -12,6 +12,7 @@ multiples of the identity between copies of the *same* irrep (l and parity), and
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -55,6 +56,9 @@ def _float64_default() -> Iterator[None]:
 
 # the right-handed so(3) basis, rotations about x, y, z: exp(t·K[k]) rotates by t about axis k
 _SO3_BASIS = so3_basis().tolist()
+
+
+_BUILT: set[int] = set()  # the l whose generators _so3_generators64 has cached
 
 
 @functools.cache
@@ -104,7 +108,14 @@ def so3_generators64(l: int) -> Tensor:
     """
     if l < 0:
         raise ValueError(f"l must be >= 0, got {l}")
-    return _so3_generators64(int(l)).clone()
+    l = int(l)
+    if l not in _BUILT:
+        # built once in a thread of its own: torch.func transforms are thread-local, and a first penalty
+        # under the caller's torch.func.hessian would otherwise run autograd.functional inside one (refused)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(_so3_generators64, l).result()
+        _BUILT.add(l)
+    return _so3_generators64(l).clone()
 
 
 def D_from_matrix64(irreps: o3.Irreps | str, R: Tensor) -> Tensor:

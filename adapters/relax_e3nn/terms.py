@@ -24,9 +24,8 @@ from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation
 from relax_plugins.irreps import SchurProjection
-from relax_plugins.lowrank import use_factors
 from relax_plugins.symmetry import OneGeneratorProjector
-from relax_plugins.term import low_rank_apply, may_modify_inputs
+from relax_plugins.term import may_modify_inputs
 
 from .irreps import irrep_pairs, irreps_fibre, irreps_projection, irreps_symmetry
 
@@ -97,24 +96,16 @@ class E3nnRelaxation(LinearRelaxation):
 
     def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Any:
         """f(x) + θ·W·x, as :meth:`relax_plugins.LinearRelaxation.forward`, with the product and
-        the sum fused into one ``addmm`` when the output has the input's batch shape."""
+        the sum fused (``apply_weight(..., add_to=)``) when the output has the input's batch shape."""
         x = self.to_fibre(self.take_input(args, kwargs))
         if may_modify_inputs(base, self.pure_bases):
             x = x.clone()  # read before the base layer runs: an in-place update must not reach W·x
         out = base(*args, **kwargs)
         self._x = x.detach()
-        factors = self.factors()
-        if factors is not None and use_factors(x.shape[-1], self.symmetry.dim_out, self.rank):
-            # wide low-rank layer, through the factors: B·A is never formed, only x is saved for backward
-            delta = low_rank_apply(x, factors[0], factors[1], theta)
-            result = out + self.from_fibre(delta, out)
-            self._y = result.detach()
-            return result
-        tw = theta.to(x.dtype) * self.dense()
         if tuple(out.shape[:-1]) == self._batch_shape:
-            result = torch.addmm(out.reshape(-1, out.shape[-1]), x, tw.T).reshape(out.shape)
+            result = self.apply_weight(x, theta, add_to=out.reshape(-1, out.shape[-1])).reshape(out.shape)
         else:
-            result = out + self.from_fibre(x @ tw.T, out)
+            result = out + self.from_fibre(self.apply_weight(x, theta), out)
         self._y = result.detach()
         return result
 
