@@ -59,12 +59,15 @@ class _LowRankApply(torch.autograd.Function):
                 blocks: int, y: Tensor | None) -> Tensor:
         u = A @ x.T  # (r, n)
         Bt = (B if theta is None else theta.to(B.dtype) * B).T
-        out = u.T @ Bt if y is None else torch.addmm(y, u.T, Bt)  # y + …: the sum in the same pass
-        dt = out.dtype  # under autocast, the dtype the products ran in
-        if M is not None:
+        if M is not None:  # the base map first, then the low-rank term summed into it where it lies
             n = x.shape[0]
-            base = (x.reshape(n * blocks, -1) @ M.T).reshape(n, -1)
-            out = base.to(dt) + out
+            out = (x.reshape(n * blocks, -1) @ M.T).reshape(n, -1)
+            if y is not None:
+                out = out + y.to(out.dtype)
+            out = out.addmm_(u.T, Bt.to(out.dtype))
+        else:  # y + …: the sum in the same pass (y is the caller's: never written to)
+            out = u.T @ Bt if y is None else torch.addmm(y.to(u.dtype), u.T, Bt)
+        dt = out.dtype  # under autocast, the dtype the products ran in
         ctx.save_for_backward(x, A, B, theta, M)
         ctx.blocks, ctx.dt = blocks, dt
         ctx.y_dtype = None if y is None else y.dtype
@@ -82,7 +85,11 @@ class _LowRankApply(torch.autograd.Function):
         if need_x or need_a:
             v = (B if th is None else th * B).T @ g.T  # (r, n): θ Bᵀ gᵀ
             ga = v @ x if need_a else None
-            gx = v.T @ A if need_x else None
+            if need_x and M is not None:  # the base map's gradient, the low-rank one summed into it
+                n = x.shape[0]
+                gx = (g.reshape(n * blocks, -1) @ M.to(dt)).reshape(x.shape).addmm_(v.T, A)
+            elif need_x:
+                gx = v.T @ A
         if need_b or need_t:
             ug = (A @ x.T) @ g  # (r, d_out): ∂/∂Bᵀ of ⟨g, (x Aᵀ) Bᵀ⟩
             gb = (ug if th is None else th * ug).T if need_b else None
@@ -90,9 +97,6 @@ class _LowRankApply(torch.autograd.Function):
         if need_m:
             c_out, c_in = M.shape
             gm = g.reshape(-1, c_out).T @ x.reshape(-1, c_in)  # the base map's own gradient, Σ over blocks
-        if need_x and M is not None:
-            n = x.shape[0]
-            gx = gx + (g.reshape(n * blocks, -1) @ M.to(dt)).reshape(x.shape)
         return gx, ga, gb, gt, gm, None, gy
 
 

@@ -1,7 +1,7 @@
 """Overhead of relaxation: training-step time, parameters and activation memory of relaxed vs standard
-models (full-rank and low-rank W), the penalty's own cost (forward + backward of ``rp.penalty`` on the
-last batch), and inference of the projected model vs the original — measured side by side in one
-process, steps interleaved round-robin, medians.
+models (full-rank and low-rank W), the penalty's own cost (forward + backward of
+``RelaxedTraining.penalty`` on the last batch), and inference of the projected model vs the original —
+measured side by side in one process, steps interleaved round-robin, medians.
 
     python -m examples.bench.overhead [--steps 15] [--device cpu|cuda] [--models segnn,egnn,...]
     TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 .venv-mace/bin/python -m examples.bench.overhead --models mace
@@ -213,13 +213,14 @@ def measure(spec: Spec, steps: int, device: torch.device) -> dict:
     for _ in tqdm(range(steps), desc=spec.name, leave=False):
         for label in arms:  # interleaved so that host noise hits every arm alike
             times[label].append(cycle(label))
-    # the penalty alone (forward + backward, on the inputs recorded by the last step), interleaved
+    # the penalty alone (forward + backward, on the inputs recorded by the last step, as the training
+    # loop computes it: through RelaxedTraining), interleaved
     pen_times: dict[str, list[float]] = {k: [] for k in arms if every[k] == 1}
     for _ in range(steps):
         for label in pen_times:
             model = arms[label]
             t0 = time.perf_counter()
-            rp.penalty(model).backward()
+            runs[label].penalty().backward()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             pen_times[label].append(time.perf_counter() - t0)
