@@ -316,3 +316,23 @@ def test_no_warning_for_a_deliberately_frozen_w():
         p.requires_grad_(False)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     assert _loop(rp.RelaxedTraining(model, total=30), model, opt, 30) == []
+
+
+def test_penalty_follows_the_model_when_its_relaxed_layers_change():
+    """RelaxedTraining finds the relaxed layers once; a layer replaced or projected afterwards is
+    noticed: the penalty is then that of the model as it is, or an error when nothing is relaxed."""
+    model = make_model()
+    run = rp.RelaxedTraining(model, "constant", total=4)
+    with torch.no_grad():
+        for _, layer in rp.relaxed_modules(model):
+            layer.term.weight.normal_()
+    x = torch.randn(8, 6)
+    model(x)
+    assert torch.equal(run.penalty(), rp.penalty(model))
+    model[2] = SO2Linear(6, 2)  # a relaxed layer replaced by a plain one
+    model(x)
+    assert [n for n, _ in rp.relaxed_modules(model)] == ["0"]
+    assert torch.equal(run.penalty(), rp.penalty(model))
+    rp.project(model)
+    with pytest.raises(rp.NotRelaxedError):
+        run.penalty()
