@@ -166,9 +166,10 @@ def test_user_equivariant_module_and_relaxed_changes_output():
     assert not torch.allclose(model(x).tensor, y0, atol=1e-3)
 
 
-def test_rank_option_ignored_for_convs():
+def test_rank_option_ignored_for_convs_with_a_warning():
     model, _, _ = build("C4", torch.float32, k=3)
-    rp.relax(model, rank=2)
+    with pytest.warns(UserWarning, match="rank=2 is ignored for R2Conv"):
+        rp.relax(model, rank=2)
     assert model[0].term.weight.shape == model[0].base.filter.shape
 
 

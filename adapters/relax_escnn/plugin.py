@@ -16,6 +16,7 @@ Adapter options (``relax(model, adapter_options={"escnn": {...}})``, see :func:`
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 from torch import nn
@@ -40,7 +41,11 @@ def relax_make_term(module: nn.Module, options: dict[str, Any]) -> RelaxationTer
     if isinstance(module, (_RdConv, _RdConvTransposed)):
         from .conv import ConvRelaxation
 
-        # rank is ignored: the relaxation of a convolution is always a full kernel
+        if options.get("rank") is not None:
+            # said, not silently dropped: a user asking for a cheap low-rank W gets a full kernel here
+            warnings.warn(f"relax_escnn: rank={options['rank']} is ignored for {type(module).__name__} "
+                          "(a convolution's relaxation is always a full kernel K); it applies to escnn Linear "
+                          "layers only", UserWarning, stacklevel=2)
         return ConvRelaxation(
             module,
             penalty=options.get("escnn_penalty", "residual"),
