@@ -294,3 +294,49 @@ def test_e3nn_low_rank_forward_and_penalty_equal_dense(batch):
     assert_close(t_low.norm, t_dense.norm)
     assert_same_value_and_grads((t_low.lie, t_low.norm), reference_terms(low.lora_a, low.lora_b, low._x, low.symmetry),
                                 [low.lora_a, low.lora_b])
+
+
+def _factored_vs_formed(build, x: Tensor, monkeypatch) -> None:
+    """The same relaxed low-rank model through the factored path and with B·A formed (forced by a
+    work threshold no layer reaches): outputs and every gradient equal to float64 precision."""
+    results = []
+    for min_work in (lowrank.FACTORED_MIN_WORK, float("inf")):
+        monkeypatch.setattr(lowrank, "FACTORED_MIN_WORK", min_work)
+        torch.manual_seed(0)
+        model = rp.relax(build().double(), rank=4)
+        with torch.no_grad():
+            for _, layer in rp.relaxed_modules(model):
+                layer.term.lora_b.normal_()
+        rp.set_theta(model, 0.7)
+        xx = x.clone().requires_grad_()
+        out = model(xx)
+        fn = out.grad_fn
+        seen, stack = set(), [fn]
+        while stack:
+            f = stack.pop()
+            if f is not None and f not in seen:
+                seen.add(f)
+                stack.extend(n for n, _ in f.next_functions)
+        factored = any(type(f).__name__ == "_LowRankApplyBackward" for f in seen)
+        assert factored == (min_work != float("inf"))
+        (out * torch.randn_like(out, generator=torch.Generator().manual_seed(1))).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((out.detach(), xx.grad, grads))
+    (o1, gx1, g1), (o2, gx2, g2) = results
+    assert_close(o1, o2)
+    assert_close(gx1, gx2)
+    assert len(g1) == len(g2) and all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(g1, g2))
+
+
+def test_e3nn_layer_through_its_factors_equals_formed(monkeypatch):
+    o3 = pytest.importorskip("e3nn.o3")
+    irreps = o3.Irreps("16x0e + 16x1o")  # 64 wide, 300 rows: 1.2e6 multiply-adds, ratio 8
+    _factored_vs_formed(lambda: nn.Sequential(o3.Linear(irreps, irreps)),
+                        torch.randn(300, irreps.dim, dtype=F64), monkeypatch)
+
+
+def test_vn_layer_through_its_factors_equals_formed(monkeypatch):
+    layers = pytest.importorskip("relax_vn.layers")
+    # 64 channels: d = 192, fused-base ratio 24; 40 points x 2 clouds = 80 rows of 192 x 192
+    _factored_vs_formed(lambda: nn.Sequential(layers.VNLinear(64, 64)),
+                        torch.randn(2, 64, 3, 40, dtype=F64), monkeypatch)
