@@ -43,7 +43,7 @@ from .plugins import (
 )
 from .symmetry import KronGenerators, Symmetry
 from .term import LinearRelaxation, PenaltyTerms, RelaxationTerm
-from .training import RelaxedTraining
+from .training import DEFAULT_PENALTY_EVERY, RelaxedTraining
 from .wrapper import RelaxedModule
 
 __version__ = "0.1.0"
@@ -81,6 +81,7 @@ __all__ = [
     "PenaltyTerms",
     "RelaxedModule",
     "RelaxedTraining",
+    "DEFAULT_PENALTY_EVERY",
     "DualAscentTheta",
     "LearnedModulation",
     "RelaxError",

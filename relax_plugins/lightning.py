@@ -39,7 +39,7 @@ class RelaxationCallback(pl.Callback):
         lie: λ_LD. norm: λ_N. form: see :func:`relax_plugins.penalty`.
         merge: fold θ·P(W) into base weights when projecting (checkpoints and fit end).
         penalty_every: compute the penalty every k-th training step, k-fold (see
-            :class:`~relax_plugins.RelaxedTraining`); 1 computes it every step.
+            :class:`~relax_plugins.RelaxedTraining`; None: its default, 4); 1 computes it every step.
 
     Example:
         >>> cb = RelaxationCallback("triangular", per="epoch")
@@ -55,7 +55,7 @@ class RelaxationCallback(pl.Callback):
         norm: float = 1e-2,
         form: str = "sqrt",
         merge: bool = False,
-        penalty_every: int = 1,
+        penalty_every: int | None = None,
     ) -> None:
         per = check_choice(per, "per", ("epoch", "step"))
         if not (isinstance(schedule, (str, Schedule)) or callable(schedule)):

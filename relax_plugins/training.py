@@ -24,7 +24,11 @@ from .optimizer_watch import OptimizerWatch
 from .relaxed import _require_relaxed
 from .schedules import Schedule, as_schedule
 
-__all__ = ["RelaxedTraining"]
+__all__ = ["RelaxedTraining", "DEFAULT_PENALTY_EVERY"]
+
+#: ``penalty_every`` of a scheduled run unless given: the ``every4`` arm of the paper-length N-body
+#: evidence, the relaxation arm with the lowest validation MSE there (``docs/evidence.md``)
+DEFAULT_PENALTY_EVERY = 4
 
 
 class RelaxedTraining:
@@ -57,8 +61,10 @@ class RelaxedTraining:
             consecutive calls is the sum of k per-step penalties whenever the penalty changes little
             over k steps (its expectation over a uniformly random step is unchanged), at 1/k of the
             cost. Not the same optimisation: the penalty's gradient arrives k-fold on one step instead
-            of spread over k (SGD sees the same sum; Adam's normalisation does not). 1 (default)
-            computes it every call, exactly as before.
+            of spread over k (SGD sees the same sum; Adam's normalisation does not). None (default):
+            4 with a schedule — the recipe the paper-length evidence chose on validation (its
+            ``every4`` arm, ``docs/evidence.md``) — and 1 with a learned θ policy (measured that way).
+            1 computes it every call.
 
     Example:
         >>> import torch, relax_plugins as rp
@@ -95,7 +101,7 @@ class RelaxedTraining:
         lie: float = 1e-2,
         norm: float = 1e-2,
         form: str = "sqrt",
-        penalty_every: int = 1,
+        penalty_every: int | None = None,
     ) -> None:
         get_theta(model)  # fails early on a non-module or an unrelaxed model
         self.policy = _check_policy(schedule, model) if _is_policy(schedule) else None
@@ -110,6 +116,8 @@ class RelaxedTraining:
         else:
             check_int(total, "total", minimum=1)
         self.lie, self.norm, self.form, self._eps = check_penalty_args(lie, norm, form, 1e-12)
+        if penalty_every is None:
+            penalty_every = 1 if self.policy is not None else DEFAULT_PENALTY_EVERY
         self.penalty_every = check_int(penalty_every, "penalty_every", minimum=1)
         self.model = model
         self._layers: list[tuple[str, nn.Module]] = []

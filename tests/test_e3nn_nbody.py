@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,9 +134,11 @@ def test_ablation_arm_specs_build():
     assert set(ARMS) < set(ABLATION_ARMS) and len(set(ABLATION_ARMS)) == 10
     relaxed = specs["relaxed"]
     assert relaxed == dict(schedule="triangular", lie=cfg.lambda_lie, norm=cfg.lambda_norm, merge=True, rank=None,
-                           dual=None)
+                           dual=None, penalty_every=1)
     # each ablation arm differs from `relaxed` in exactly what its name says
     assert specs["no_norm"] == {**relaxed, "norm": 0.0}
+    assert arm_spec("every4", cfg) == {**relaxed, "penalty_every": 4}
+    assert arm_label("every4", cfg) == "triangular, penalty every 4"
     assert specs["drop"] == {**relaxed, "merge": False}
     assert specs["lowrank"] == {**relaxed, "rank": 4}
     assert specs["dual"] == {**relaxed, "schedule": "learned", "dual": "plain"}
@@ -257,16 +260,20 @@ def test_matched_arm_replays_the_dual_theta_trace_and_waits_for_it(tmp_path):
         main(args + ["--lr", "1e-4"])
 
 
-def test_relaxed_training_defaults_are_the_evidence_relaxed_arm():
-    """``RelaxedTraining(model, total=steps)`` is the paper-length evidence's ``relaxed`` arm: the same
-    θ at every step, λ_LD, λ_N and penalty form (what ``default_recipe`` refers to)."""
+def test_relaxed_training_defaults_are_the_evidence_default_recipe():
+    """``RelaxedTraining(model, total=steps)`` is the arm that the paper-length evidence chose on
+    validation (``default_recipe`` of ``docs/evidence/nbody_paper_length.json``): the same θ at every
+    step, λ_LD, λ_N, penalty form and ``penalty_every``."""
     from examples.nbody.run import PRESETS, Config, arm_spec
 
+    evidence = json.loads((Path(__file__).parents[1] / "docs/evidence/nbody_paper_length.json").read_text())
     cfg = Config(**PRESETS["paper"])
-    spec = arm_spec("relaxed", cfg)
+    spec = arm_spec(evidence["default_recipe"], cfg)
+    assert spec["schedule"] == "triangular" and spec["dual"] is None and spec["rank"] is None
     model = rp.relax(SEGNN("4x0e + 2x1o", layers=1))
     run = rp.RelaxedTraining(model, total=cfg.steps)
     assert (run.lie, run.norm, run.form) == (spec["lie"], spec["norm"], cfg.penalty_form)
+    assert run.penalty_every == spec["penalty_every"]
     arm = rp.schedules.Triangular(total=cfg.steps, peak=cfg.peak_theta, peak_at=cfg.peak_at)
     for step in (0, 1, 7_499, 15_000, 22_222, cfg.steps - 1):
         run.position = step

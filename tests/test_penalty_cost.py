@@ -20,12 +20,21 @@ def relaxed_model() -> nn.Module:
     return model
 
 
-def test_penalty_every_default_is_the_exact_penalty():
+def test_penalty_every_1_is_the_exact_penalty():
     model = relaxed_model()
-    run = rp.RelaxedTraining(model, "constant", total=4)
+    run = rp.RelaxedTraining(model, "constant", total=4, penalty_every=1)
     model(torch.randn(16, 6, dtype=torch.float64))
     for _ in range(3):
         assert torch.equal(run.penalty(), rp.penalty(model))
+
+
+def test_penalty_every_default_is_4_with_a_schedule_and_1_with_a_policy():
+    # 4: the evidence's every4 arm (chosen on validation); the learned policies were measured with 1
+    assert rp.RelaxedTraining(relaxed_model(), "constant", total=4).penalty_every == 4 == rp.DEFAULT_PENALTY_EVERY
+    model = relaxed_model()
+    assert rp.RelaxedTraining(model, rp.DualAscentTheta(model, dual_lr=1e-3)).penalty_every == 1
+    model = relaxed_model()
+    assert rp.RelaxedTraining(model, rp.DualAscentTheta(model, dual_lr=1e-3), penalty_every=4).penalty_every == 4
 
 
 @pytest.mark.parametrize("form", ["sqrt", "mean", "paper"])

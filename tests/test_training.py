@@ -87,7 +87,7 @@ def _ddp_worker(rank: int, world: int, store: str, data, out_path: str) -> None:
     model = make_model()
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    run = rp.RelaxedTraining(model, "triangular", total=len(data))
+    run = rp.RelaxedTraining(model, "triangular", total=len(data), penalty_every=1)  # as the single process
     for x, y in data:
         run.advance()  # the last step has θ = 0: W must not become an unused parameter
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
@@ -122,7 +122,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
 
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    run = rp.RelaxedTraining(model, "triangular", total=len(data))
+    run = rp.RelaxedTraining(model, "triangular", total=len(data), penalty_every=1)  # two loss() calls a step
     for x, y in data:
         run.advance()
         # DDP averages the ranks' gradients: the same as the mean of the per-half losses, penalty included
@@ -322,7 +322,7 @@ def test_penalty_follows_the_model_when_its_relaxed_layers_change():
     """RelaxedTraining finds the relaxed layers once; a layer replaced or projected afterwards is
     noticed: the penalty is then that of the model as it is, or an error when nothing is relaxed."""
     model = make_model()
-    run = rp.RelaxedTraining(model, "constant", total=4)
+    run = rp.RelaxedTraining(model, "constant", total=4, penalty_every=1)
     with torch.no_grad():
         for _, layer in rp.relaxed_modules(model):
             layer.term.weight.normal_()
