@@ -12,11 +12,9 @@ from torch import Tensor, nn
 from ._checks import check_bool, check_int
 from .api import (
     check_penalty_args,
-    get_theta,
     layers_penalty,
     project,
     projection_report,
-    relaxed_modules,
     set_theta,
 )
 from .copying import module_copy
@@ -40,10 +38,11 @@ class RelaxedTraining:
     projects the model itself at the end.
 
     Args:
-        model: a model already passed through :func:`relax_plugins.relax`.
+        model: a model already passed through :func:`relax_plugins.relax`; its relaxed layers are found
+            here, once, and again only when one of them has left its place (replaced, projected).
         schedule: the default ``"triangular"`` (θ 0 → 1 → 0, the paper's recipe; with the default ``lie``,
-            ``norm`` and ``form`` it is the ``relaxed`` arm of the paper-length N-body evidence, the
-            arm that evidence chose on validation MSE, ``docs/evidence.md``), a
+            ``norm``, ``form`` and ``penalty_every`` it is the ``every4`` arm of the paper-length N-body
+            evidence, the arm that evidence chose on validation MSE, ``docs/evidence.md``), a
             :class:`~relax_plugins.schedules.Schedule`, a name ("triangular", "linear_decay", "cosine",
             "constant"), a callable of t ∈ [0, 1], or a learned θ policy built on
             this model (:class:`~relax_plugins.DualAscentTheta`, :class:`~relax_plugins.LearnedModulation`, or
@@ -103,8 +102,9 @@ class RelaxedTraining:
         form: str = "sqrt",
         penalty_every: int | None = None,
     ) -> None:
-        get_theta(model)  # fails early on a non-module or an unrelaxed model
-        self.policy = _check_policy(schedule, model) if _is_policy(schedule) else None
+        self.model = model
+        self._find_layers()  # fails early on a non-module or an unrelaxed model
+        self.policy = _check_policy(schedule, self._layers) if _is_policy(schedule) else None
         if self.policy is not None:
             if total is not None:
                 check_int(total, "total", minimum=1)
@@ -119,10 +119,6 @@ class RelaxedTraining:
         if penalty_every is None:
             penalty_every = 1 if self.policy is not None else DEFAULT_PENALTY_EVERY
         self.penalty_every = check_int(penalty_every, "penalty_every", minimum=1)
-        self.model = model
-        self._layers: list[tuple[str, nn.Module]] = []
-        self._places: list[tuple[nn.Module | None, str, nn.Module]] = []
-        self._find_layers()
         self.total = total
         self.schedule = None if self.policy is not None else as_schedule(schedule, total=total or 1)
         self.penalty_calls = 0  # penalty() calls so far: with penalty_every = k, calls 0, k, 2k, ... compute it
@@ -134,15 +130,15 @@ class RelaxedTraining:
     def _find_layers(self) -> None:
         """The relaxed layers and where each sits (parent module, attribute): walking a large
         module tree costs ~1 ms, checking that every layer is still in its place microseconds."""
-        self._layers = _require_relaxed(self.model, "RelaxedTraining")
-        self._places = []
-        for name, layer in self._layers:
+        self._layers: list[tuple[str, nn.Module]] = _require_relaxed(self.model, "RelaxedTraining")
+        self._places: list[tuple[nn.Module | None, str]] = []  # (parent, attribute) of each layer, in order
+        for name, _ in self._layers:
             parent, _, attr = name.rpartition(".")
-            self._places.append((self.model.get_submodule(parent) if name else None, attr, layer))
+            self._places.append((self.model.get_submodule(parent) if name else None, attr))
 
     def _current_layers(self) -> list[tuple[str, nn.Module]]:
         """The relaxed layers, found again when one left its place (projected, replaced)."""
-        for parent, attr, layer in self._places:
+        for (parent, attr), (_, layer) in zip(self._places, self._layers):
             if (self.model if parent is None else parent._modules.get(attr)) is not layer:
                 self._find_layers()  # NotRelaxedError when no relaxed layer is left
                 break
@@ -311,9 +307,9 @@ def _is_policy(obj: Any) -> bool:
         callable(getattr(obj, m, None)) for m in _POLICY_METHODS)
 
 
-def _check_policy(policy: Any, model: nn.Module) -> Any:
-    """The policy, if it drives exactly the relaxed layers of ``model``."""
-    mine = {id(m) for _, m in relaxed_modules(model)}
+def _check_policy(policy: Any, layers: list[tuple[str, nn.Module]]) -> Any:
+    """The policy, if it drives exactly the relaxed layers ``layers`` (the model's)."""
+    mine = {id(m) for _, m in layers}
     theirs = {id(layer) for _, layer in policy.layers}
     if mine != theirs:
         raise ValueError(f"the {type(policy).__name__} was built on another model (or before a change of "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import e3nn
@@ -58,10 +57,9 @@ def _float64_default() -> Iterator[None]:
 _SO3_BASIS = so3_basis().tolist()
 
 
-_BUILT: set[int] = set()  # the l whose generators _so3_generators64 has cached
+_GENERATORS64: dict[int, Tensor] = {}  # l → its generators, built once by _so3_generators64
 
 
-@functools.cache
 def _so3_generators64(l: int) -> Tensor:
     jac = torch.autograd.functional.jacobian
 
@@ -109,13 +107,12 @@ def so3_generators64(l: int) -> Tensor:
     if l < 0:
         raise ValueError(f"l must be >= 0, got {l}")
     l = int(l)
-    if l not in _BUILT:
+    if l not in _GENERATORS64:
         # built once in a thread of its own: torch.func transforms are thread-local, and a first penalty
         # under the caller's torch.func.hessian would otherwise run autograd.functional inside one (refused)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pool.submit(_so3_generators64, l).result()
-        _BUILT.add(l)
-    return _so3_generators64(l).clone()
+            _GENERATORS64[l] = pool.submit(_so3_generators64, l).result()
+    return _GENERATORS64[l].clone()
 
 
 def D_from_matrix64(irreps: o3.Irreps | str, R: Tensor) -> Tensor:

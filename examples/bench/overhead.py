@@ -179,9 +179,11 @@ def measure(spec: Spec, steps: int, device: torch.device) -> dict:
     arms = {"standard": base}
     every: dict[str, int] = {"standard": 0}
     twin: dict[str, str] = {}  # an every-k arm → the every-step arm with the same W (its penalty timing)
-    settings = [("relaxed", None, 1), (f"relaxed rank {spec.rank}", spec.rank, 1),
-                ("relaxed, penalty every 4", None, 4), (f"relaxed rank {spec.rank}, penalty every 4", spec.rank, 4)]
-    for label, rank, k in settings if spec.rank is not None else settings[::2]:
+    settings = [("relaxed", None, 1), ("relaxed, penalty every 4", None, 4)]
+    if spec.rank is not None:
+        settings[1:1] = [(f"relaxed rank {spec.rank}", spec.rank, 1)]
+        settings.append((f"relaxed rank {spec.rank}, penalty every 4", spec.rank, 4))
+    for label, rank, k in settings:
         model = rp.relax(copy.deepcopy(base), rank=rank)
         rp.set_theta(model, 0.5)
         arms[label], every[label] = model, k
