@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from .lowrank import low_rank_moments, use_factors
 
-__all__ = ["PenaltyTerms", "moment_penalties"]
+__all__ = ["PenaltyTerms", "moment_penalties", "moment_sums"]
 
 if TYPE_CHECKING:
     from .linear import LinearRelaxation
@@ -38,7 +39,8 @@ class PenaltyTerms(tuple):
 
 
 def moment_penalties(terms: list[LinearRelaxation], inputs: list[tuple[Tensor, int]]) -> list[PenaltyTerms]:
-    """Penalties of several layers with equal shapes in one batched computation.
+    """Penalties of several layers with equal shapes in one batched computation (per layer: the
+    values of :func:`moment_sums`).
 
     With S_l = Σ x xᵀ over layer l's samples and C_lk = W_l ρ_in(A_k) − ρ_out(A_k) W_l:
     Σ_n ||C_lk x_n||² = ⟨C_lk S_l, C_lk⟩ and Σ_n ||W_l x_n||² = ⟨W_l S_l, W_l⟩. Batching the layers
@@ -51,6 +53,26 @@ def moment_penalties(terms: list[LinearRelaxation], inputs: list[tuple[Tensor, i
     drawn uniformly without replacement, and scales the Lie sum by K/m: an unbiased estimate of the
     exact sum (each generator is drawn with probability m/K), so ``form="mean"`` stays unbiased while
     the square roots of ``"sqrt"``/``"paper"`` make those slightly biased low (Jensen).
+    """
+    lie, norm = moment_sums(terms, inputs)
+    return [PenaltyTerms(lie[i], norm[i], n) for i, (_, n) in enumerate(inputs)]
+
+
+def moment_sums(terms: list[LinearRelaxation], inputs: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
+    """The Lie and norm sums of :func:`moment_penalties` as two (L,) tensors, one entry per layer:
+    what the penalty adds up, without a tensor per layer (their selection and autograd nodes cost
+    more than the batched products on models with many small layers).
+
+    Example:
+        >>> import torch
+        >>> J = torch.tensor([[0., -1.], [1., 0.]])
+        >>> from relax_plugins.linear import LinearRelaxation
+        >>> from relax_plugins.symmetry import Symmetry
+        >>> terms = [LinearRelaxation(Symmetry(2, 2, lie_in=J[None], lie_out=J[None]), init_std=1.0)
+        ...          for _ in range(3)]
+        >>> lie, norm = moment_sums(terms, [(torch.randn(5, 2), 5)] * 3)
+        >>> lie.shape, norm.shape
+        (torch.Size([3]), torch.Size([3]))
     """
     factored = [t.factors() for t in terms]
     ranks = {f[0].shape[0] for f in factored if f is not None}
@@ -65,13 +87,13 @@ def moment_penalties(terms: list[LinearRelaxation], inputs: list[tuple[Tensor, i
         lie, norm = low_rank_moments(A, B, G_in, G_out, S)
         if scale != 1.0:
             lie = lie * scale
-        return [PenaltyTerms(lie[i], norm[i], n) for i, (_, n) in enumerate(inputs)]
+        return lie, norm
     W = torch.stack([t.dense() for t in terms])  # (L, d_out, d_in)
     L, d_out, d_in = W.shape
     G_in, G_out, scale = _stacked_generators(terms, W.dtype)
     k = G_in.shape[1]
     # generators laid out for plain (un-broadcast) bmm: broadcasting small batched matmuls was 5x slower
-    G_in = G_in.permute(0, 2, 1, 3).reshape(L, d_in, k * d_in)
+    G_in = _cached_stack(terms, W.dtype)[2] if scale == 1.0 else G_in.permute(0, 2, 1, 3).reshape(L, d_in, k * d_in)
     G_out = G_out.reshape(L, k * d_out, d_out)
     with torch.no_grad():
         S = torch.stack([x.T @ x for x, _ in inputs])  # (L, d_in, d_in): detached, trains W only
@@ -81,16 +103,41 @@ def moment_penalties(terms: list[LinearRelaxation], inputs: list[tuple[Tensor, i
     if scale != 1.0:
         lie = lie * scale
     norm = ((W @ S) * W).sum(dim=(1, 2)).clamp_min(0.0)
-    return [PenaltyTerms(lie[i], norm[i], n) for i, (_, n) in enumerate(inputs)]
+    return lie, norm
+
+
+#: stacked generators of the layer groups recently penalised (the same groups every step): stacking
+#: copies L·K·d² entries per call, more than the products on them cost on small layers. Keyed by the
+#: per-layer stacks' ids and checked through weak references to them (a moved or freed symmetry
+#: misses); the oldest entries go beyond :data:`_STACK_CACHE_SIZE`.
+_STACK_CACHE: dict[tuple, tuple[list[weakref.ref], Tensor, Tensor, Tensor]] = {}
+_STACK_CACHE_SIZE = 16
 
 
 def _stacked_generators(terms: list[LinearRelaxation], dtype: torch.dtype) -> tuple[Tensor, Tensor, float]:
     """(L, K, d_in, d_in) and (L, K, d_out, d_out): every layer's generators (Lie, then finite), or
     the m drawn this step (``penalty_generators``), and the factor K/m that makes their sum unbiased."""
-    gens = [t.symmetry.stacked(dtype) for t in terms]
-    G_in, G_out = torch.stack([g[0] for g in gens]), torch.stack([g[1] for g in gens])
+    G_in, G_out, _ = _cached_stack(terms, dtype)
     idx = terms[0].sample_generators(G_in.shape[1])
     if idx is None:
         return G_in, G_out, 1.0
     idx = idx.to(G_in.device)
     return G_in[:, idx], G_out[:, idx], G_in.shape[1] / idx.numel()
+
+
+def _cached_stack(terms: list[LinearRelaxation], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The stacked generators, and the input ones laid out (L, d_in, K·d_in) for the dense path."""
+    gens = [t.symmetry.stacked(dtype) for t in terms]  # each cached by its symmetry
+    key = tuple(id(g) for pair in gens for g in pair)
+    hit = _STACK_CACHE.get(key)
+    if hit is not None and all(r() is g for r, g in zip(hit[0], (g for pair in gens for g in pair))):
+        return hit[1], hit[2], hit[3]
+    G_in, G_out = torch.stack([g[0] for g in gens]), torch.stack([g[1] for g in gens])
+    L, K, d_in, _ = G_in.shape
+    # laid out for plain (un-broadcast) bmm: broadcasting small batched matmuls was 5x slower
+    G_in_flat = G_in.permute(0, 2, 1, 3).reshape(L, d_in, K * d_in)
+    _STACK_CACHE.pop(key, None)
+    while len(_STACK_CACHE) >= _STACK_CACHE_SIZE:
+        del _STACK_CACHE[next(iter(_STACK_CACHE))]
+    _STACK_CACHE[key] = ([weakref.ref(g) for pair in gens for g in pair], G_in, G_out, G_in_flat)
+    return G_in, G_out, G_in_flat

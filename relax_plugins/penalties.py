@@ -9,8 +9,9 @@ from torch import Tensor, nn
 
 from ._checks import check_choice, check_real
 from .errors import AdapterError, NonFiniteError, RelaxError
+from .moments import moment_sums
 from .relaxed import _require_relaxed
-from .term import LinearRelaxation, PenaltyTerms, moment_penalties
+from .term import LinearRelaxation, PenaltyTerms
 from .wrapper import RelaxedModule
 
 __all__ = ["penalty", "layers_penalty", "check_penalty_args", "PENALTY_FORMS"]
@@ -70,20 +71,25 @@ def layers_penalty(layers: list[tuple[str, RelaxedModule]], lie: float, norm: fl
     """:func:`penalty` of the relaxed layers ``layers`` ((name, layer) pairs, as
     :func:`~relax_plugins.relaxed_modules` gives them) with validated settings: for callers that
     found the layers once (a model's module tree can take a millisecond to walk)."""
-    per_layer = _all_penalty_terms(layers)
+    groups = _penalty_groups(layers)
     lie_total: Tensor | float = 0.0
     norm_total: Tensor | float = 0.0
-    for _, t in per_layer:
-        scale = 1.0 if form == "paper" else 1.0 / max(t.samples, 1)
-        lie_total = lie_total + t.lie * scale
-        norm_total = norm_total + t.norm * scale
+    for _, lie_v, norm_v, samples in groups:
+        if form != "paper":  # "sqrt"/"mean": each layer's sums become means over its samples
+            if len(set(samples)) == 1:
+                scale: Tensor | float = 1.0 / max(samples[0], 1)
+            else:
+                scale = torch.tensor([1.0 / max(n, 1) for n in samples], dtype=lie_v.dtype, device=lie_v.device)
+            lie_v, norm_v = lie_v * scale, norm_v * scale
+        lie_total = lie_total + lie_v.sum()
+        norm_total = norm_total + norm_v.sum()
     if form == "mean":
         out = lie * lie_total + norm * norm_total
     else:
         out = lie * torch.sqrt(lie_total + eps) + norm * torch.sqrt(norm_total + eps)
     out = torch.as_tensor(out)
     if not bool(torch.isfinite(out.detach()).all()):  # one check per call; diagnose only on failure
-        _raise_non_finite(layers, per_layer)
+        _raise_non_finite(layers, _per_layer(groups))
     return out
 
 
@@ -125,10 +131,16 @@ def _check_penalty_terms(t: Any, name: str, layer: RelaxedModule) -> PenaltyTerm
     return t if isinstance(t, PenaltyTerms) else PenaltyTerms(lie, norm, samples)
 
 
-def _all_penalty_terms(layers: list[tuple[str, RelaxedModule]]) -> list[tuple[str, PenaltyTerms]]:
-    """Every layer's PenaltyTerms; layers of equal shapes on the default path are batched."""
+#: one group of :func:`_penalty_groups`: layer names, their Lie and norm sums as (L,) tensors, samples
+PenaltyGroup = tuple[list[str], Tensor, Tensor, list[int]]
+
+
+def _penalty_groups(layers: list[tuple[str, RelaxedModule]]) -> list[PenaltyGroup]:
+    """Every layer's penalty sums, by group: layers of equal shapes on the default path are computed
+    together (:func:`moment_sums`) and stay one (L,) tensor each for Lie and norm; any other layer is
+    a group of its own."""
     groups: dict[tuple, list[tuple[str, LinearRelaxation]]] = {}
-    out: list[tuple[str, PenaltyTerms]] = []
+    out: list[PenaltyGroup] = []
     for name, layer in layers:
         term = layer.term
         recorded = term.recorded_state()
@@ -138,10 +150,23 @@ def _all_penalty_terms(layers: list[tuple[str, RelaxedModule]]) -> list[tuple[st
         # the declared capability decides; batchable_penalty() may still decline for this batch
         key = term.batchable_penalty() if term.batched_penalty else None
         if key is None:
-            out.append((name, _check_penalty_terms(term.penalty_terms(), name, layer)))
+            t = _check_penalty_terms(term.penalty_terms(), name, layer)
+            out.append(([name], t.lie.reshape(1), t.norm.reshape(1), [t.samples]))
         else:
             groups.setdefault(key, []).append((name, term))
     for group in groups.values():
         terms = [t for _, t in group]
-        out.extend(zip([n for n, _ in group], moment_penalties(terms, [t.penalty_input() for t in terms])))
+        inputs = [t.penalty_input() for t in terms]
+        lie, norm = moment_sums(terms, inputs)
+        out.append(([n for n, _ in group], lie, norm, [n for _, n in inputs]))
     return out
+
+
+def _per_layer(groups: list[PenaltyGroup]) -> list[tuple[str, PenaltyTerms]]:
+    return [(name, PenaltyTerms(lie[i], norm[i], samples[i]))
+            for names, lie, norm, samples in groups for i, name in enumerate(names)]
+
+
+def _all_penalty_terms(layers: list[tuple[str, RelaxedModule]]) -> list[tuple[str, PenaltyTerms]]:
+    """Every layer's PenaltyTerms (name, terms), in the order :func:`_penalty_groups` computes them."""
+    return _per_layer(_penalty_groups(layers))

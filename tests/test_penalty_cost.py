@@ -221,3 +221,63 @@ def test_a_bad_declared_default_is_an_adapter_error(term_adapter):
     with pytest.raises(rp.AdapterError, match="default_penalty_samples"):
         rp.relax(model, adapters=[name])
     assert type(model[0]) is SO2Linear
+
+
+class _TwoInputs(nn.Module):
+    """Two layers of equal shape (one penalty group) that see different numbers of samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = SO2Linear(3, 3), SO2Linear(3, 3)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.a(x).sum() + self.b(z).sum()
+
+
+@pytest.mark.parametrize("form", ["sqrt", "mean", "paper"])
+def test_batched_group_with_unequal_sample_counts_scales_each_layer_by_its_own(form):
+    torch.manual_seed(1)
+    model = rp.relax(_TwoInputs().double())
+    with torch.no_grad():
+        for _, layer in rp.relaxed_modules(model):
+            layer.term.weight.normal_()
+    model(torch.randn(16, 6, dtype=torch.float64), torch.randn(40, 6, dtype=torch.float64))
+    terms = [layer.term for _, layer in rp.relaxed_modules(model)]
+    assert terms[0].batchable_penalty() == terms[1].batchable_penalty() is not None  # one group
+    # per layer from the samples themselves (no moments, no batching)
+    exact = [t._penalty_from_samples(t._x) for t in terms]
+    scale = [1.0 if form == "paper" else 1.0 / t.samples for t in exact]
+    lie = sum(t.lie * s for t, s in zip(exact, scale))
+    norm = sum(t.norm * s for t, s in zip(exact, scale))
+    want = 2.0 * lie + 3.0 * norm if form == "mean" else 2.0 * torch.sqrt(lie + 1e-12) + 3.0 * torch.sqrt(norm + 1e-12)
+    got = rp.penalty(model, lie=2.0, norm=3.0, form=form, eps=1e-12)
+    assert torch.allclose(got, want, rtol=1e-10)
+
+
+def test_stacked_generator_cache_gives_the_uncached_penalty_and_follows_dtype():
+    from relax_plugins import moments
+
+    model = relaxed_model()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    model(x)
+    first = rp.penalty(model)
+    cached = rp.penalty(model)
+    moments._STACK_CACHE.clear()
+    assert torch.equal(first, cached) and torch.equal(rp.penalty(model), first)
+    # float32 weights: the group is computed with float32 generators, a new cache entry
+    model.float()
+    model(x.float())
+    got = rp.penalty(model)
+    moments._STACK_CACHE.clear()
+    assert got.dtype == torch.float32 and torch.equal(got, rp.penalty(model))
+    assert torch.allclose(got.double(), first, rtol=1e-5)
+
+
+def test_stacked_generator_cache_is_bounded():
+    from relax_plugins import moments
+
+    for _ in range(moments._STACK_CACHE_SIZE + 4):
+        model = relaxed_model()  # new symmetries each time: new entries
+        model(torch.randn(16, 6, dtype=torch.float64))
+        rp.penalty(model)
+    assert len(moments._STACK_CACHE) <= moments._STACK_CACHE_SIZE
