@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["low_rank_apply", "low_rank_moments", "use_factors", "FACTORED_MIN_RATIO", "FUSED_FACTORED_MIN_RATIO",
-           "FACTORED_MIN_WORK"]
+           "FACTORED_MIN_WORK", "PENALTY_FACTORED_MIN_RATIO"]
 
 
 #: apply W through its factors when dense W·x costs at least this many times the factored FLOPs,
@@ -26,21 +26,34 @@ FUSED_FACTORED_MIN_RATIO = 12.0
 #: it the factored path's fixed cost (an autograd node with a Python backward) outweighs its saving
 #: (measured: lost 4 % at 0.8e6, won 8 % at 1.6e6 and 13 % at 2e6)
 FACTORED_MIN_WORK = 1e6
+#: the penalty's threshold (:func:`~relax_plugins.moments.moment_sums`): its factored route has about
+#: twice the operations of the dense one, which small layers pay as fixed cost. Measured on one CPU
+#: core, forward + backward of a group of 2-4 layers, 160-2000 samples, rank 4-8: the factored route
+#: lost 1.3-1.5× at ratios 4-4.8 (32 × 32, 24 × 96), tied at 5.5-6 (40 × 48, 48 × 48) and won
+#: 0.91-0.73× from 6.7 on (40 × 80, 56 × 56, 82 × 48, 64 × 64), 0.3× at ratio 16-24
+PENALTY_FACTORED_MIN_RATIO = 6.5
 
 
-def use_factors(d_in: int, d_out: int, rank: int, rows: int | None = None, fused_base: bool = False) -> bool:
+def use_factors(d_in: int, d_out: int, rank: int, rows: int | None = None, fused_base: bool = False,
+                penalty: bool = False) -> bool:
     """Whether a rank-``rank`` W on a (d_in → d_out) layer is cheaper applied through its factors
     than formed as B·A (see :data:`FACTORED_MIN_RATIO`; ``fused_base``: with a fused block-diagonal
     base map, :data:`FUSED_FACTORED_MIN_RATIO`; ``rows``: the number of rows W is applied to, checked
-    against :data:`FACTORED_MIN_WORK`; None: the layer's shape alone, as the penalty decides).
+    against :data:`FACTORED_MIN_WORK`; None: the layer's shape alone; ``penalty``: whether the
+    second-moment penalty is cheaper through the factors, :data:`PENALTY_FACTORED_MIN_RATIO`).
 
     Example:
         >>> use_factors(384, 384, 8), use_factors(40, 40, 4), use_factors(82, 48, 4, rows=2000)
         (True, True, True)
         >>> use_factors(82, 48, 4, rows=100), use_factors(24, 24, 4), use_factors(72, 72, 4, fused_base=True)
         (False, False, False)
+        >>> use_factors(40, 48, 4, penalty=True), use_factors(64, 64, 4, penalty=True)
+        (False, True)
     """
-    ratio = FUSED_FACTORED_MIN_RATIO if fused_base else FACTORED_MIN_RATIO
+    if penalty:
+        ratio = PENALTY_FACTORED_MIN_RATIO
+    else:
+        ratio = FUSED_FACTORED_MIN_RATIO if fused_base else FACTORED_MIN_RATIO
     if d_in * d_out < ratio * rank * (d_in + d_out):
         return False
     return rows is None or rows * d_in * d_out >= FACTORED_MIN_WORK

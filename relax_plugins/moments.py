@@ -46,7 +46,7 @@ def moment_penalties(terms: list[LinearRelaxation], inputs: list[tuple[Tensor, i
     Σ_n ||C_lk x_n||² = ⟨C_lk S_l, C_lk⟩ and Σ_n ||W_l x_n||² = ⟨W_l S_l, W_l⟩. Batching the layers
     turns some ten autograd operations per layer into ten for the whole group, which is what the
     penalty costs on models with many small layers. Low-rank layers (W = B·A, same rank) wide enough
-    for :func:`~relax_plugins.lowrank.use_factors` are computed through their factors
+    for :func:`~relax_plugins.lowrank.use_factors` (``penalty=True``) are computed through their factors
     (:func:`low_rank_moments`), never forming B·A; narrow ones take B·A as a dense W (cheaper there).
 
     With ``term.penalty_generators = m`` (equal in the group) each call uses m of the K generators,
@@ -78,7 +78,7 @@ def moment_sums(terms: list[LinearRelaxation], inputs: list[tuple[Tensor, int]])
     ranks = {f[0].shape[0] for f in factored if f is not None}
     # through the factors where that is cheaper (use_factors); narrow layers take B·A as a dense W
     if (all(f is not None for f in factored) and len(ranks) == 1
-            and use_factors(factored[0][0].shape[1], factored[0][1].shape[0], factored[0][0].shape[0])):
+            and use_factors(factored[0][0].shape[1], factored[0][1].shape[0], factored[0][0].shape[0], penalty=True)):
         A = torch.stack([f[0] for f in factored])  # (L, r, d_in)
         B = torch.stack([f[1] for f in factored])  # (L, d_out, r)
         with torch.no_grad():

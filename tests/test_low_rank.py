@@ -159,6 +159,23 @@ def test_batched_moments_of_low_rank_layers_equal_dense():
         assert_close(d.norm, g.norm)
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (32, 32)], ids=["wide", "narrow"])
+def test_low_rank_penalty_route_follows_its_threshold_and_equals_the_definition(shape, monkeypatch):
+    """A group of rank-4 layers goes through the factors from PENALTY_FACTORED_MIN_RATIO on (64 × 64:
+    ratio 8) and forms B·A below it (32 × 32: ratio 4); both give the definition's values and grads."""
+    d_in, d_out = shape
+    terms = [low_rank_term(random_symmetry(d_in, d_out, lie=2, group=1), rank=4) for _ in range(2)]
+    xs = [torch.randn(80, d_in, dtype=F64) for _ in terms]
+    calls = []
+    real = lowrank.low_rank_moments
+    monkeypatch.setattr("relax_plugins.moments.low_rank_moments", lambda *a: calls.append(1) or real(*a))
+    got = moment_penalties(terms, [(x, x.shape[0]) for x in xs])
+    assert bool(calls) == (d_in == 64) == use_factors(d_in, d_out, 4, penalty=True)
+    for term, x, g in zip(terms, xs, got):
+        ref = reference_terms(term.lora_a, term.lora_b, x, term.symmetry)
+        assert_same_value_and_grads((g.lie, g.norm), ref, [term.lora_a, term.lora_b])
+
+
 def test_low_rank_moments_never_form_the_dense_product():
     """The factored route's intermediates are r-sized on one side: no (d_out, d_in) tensor."""
     L, r, d_in, d_out, K = 2, 3, 40, 30, 2
