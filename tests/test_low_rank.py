@@ -4,6 +4,8 @@ saves no more activations for backward than a dense one."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -357,3 +359,14 @@ def test_vn_layer_through_its_factors_equals_formed(monkeypatch):
     # 64 channels: d = 192, fused-base ratio 24; 40 points x 2 clouds = 80 rows of 192 x 192
     _factored_vs_formed(lambda: nn.Sequential(layers.VNLinear(64, 64)),
                         torch.randn(2, 64, 3, 40, dtype=F64), monkeypatch)
+
+
+def test_layer_cost_benchmark_runs_on_small_shapes(capsys):
+    from examples.bench import layer_cost
+
+    rows = layer_cost.main(["--shapes", "40x8x6,30x6x8", "--rank", "2", "--repeats", "2"])
+    assert [(r["rows"], r["d_in"], r["d_out"]) for r in rows] == [(40, 8, 6), (30, 6, 8)]
+    for r in rows:
+        assert r["base_ms"] > 0 and all(math.isfinite(v) for v in r.values())
+        assert set(r) >= {"dense", "rank 2", "rank 2, no input grad", "empty node"}
+    assert capsys.readouterr().out.count("\n| ") == 3  # header rule and two rows after the header
