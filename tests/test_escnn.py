@@ -479,21 +479,35 @@ def test_r3conv_octahedral_relax_and_project():
     assert equiv_error(model, x, elem) < 1e-5
 
 
-def test_grouped_conv_relax_and_project():
+@pytest.mark.parametrize("penalty", ["residual", "defect", "both"])
+@pytest.mark.parametrize("train", [False, True], ids=["filter-cached", "after-train"])
+@pytest.mark.parametrize("conv", ["R2Conv", "R2ConvTransposed"])
+def test_grouped_conv_relax_and_project(conv, train, penalty):
     gs = gspace("C4")
     t = enn.FieldType(gs, [gs.regular_repr, gs.trivial_repr] * 2)
-    model = enn.SequentialModule(enn.R2Conv(t, t, 3, padding=1, groups=2)).double()
+    model = enn.SequentialModule(getattr(enn, conv)(t, t, 3, padding=1, groups=2)).double()
+    if train:
+        model.train()  # escnn deletes its cached filter: the kernel's shape comes from the field types
     x = smooth_input(t, 2, 9, torch.float64)
     with torch.no_grad():
         y0 = model(x).tensor
-    rp.relax(model)
-    assert model[0].term.weight.shape == model[0].base.filter.shape  # (out, in / groups, k, k)
+    rp.relax(model, adapter_options={"escnn": {"escnn_penalty": penalty}})
+    # torch's grouped layouts: (out, in / groups, k, k), transposed (in, out / groups, k, k)
+    assert model[0].term.weight.shape == model[0].base.expand_parameters()[0].shape
     assert torch.equal(model(x).tensor, y0)
     randomise(model)
     rp.set_theta(model, 1.0)
     g = gs.fibergroup.element(1)
     assert equiv_error(model, x, g) > 0.05
+    model(x)
+    assert float(rp.penalty(model).detach()) > 0
+    with torch.no_grad():  # the penalty vanishes on the projected kernel
+        term = model[0].term
+        term.weight.copy_(term._torch_layout(term.projector.project(term._basis_layout(term.weight))))
+    model(x)
+    assert float(rp.penalty(model, norm=0.0, form="mean").detach()) < 1e-12
     rp.project(model, merge=True)
+    assert isinstance(model[0], getattr(enn, conv))
     assert equiv_error(model, x, g) < 1e-6
 
 

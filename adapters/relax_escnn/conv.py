@@ -171,9 +171,11 @@ class ConvRelaxation(RelaxationTerm):
         self.kernel_size = int(conv.kernel_size)
         shape = tuple(conv.filter.shape) if hasattr(conv, "filter") else None
         if shape is None:  # the cache was deleted by train(): rebuild the shape from the types
-            n_in = conv.in_type.size // conv.groups
-            shape = ((n_in, conv.out_type.size) if self.transposed else (conv.out_type.size, n_in)) + (
-                self.kernel_size,) * self.d
+            # as in torch, a grouped filter holds one group of the channel axis that is not the
+            # first: (out, in / groups, k...) for a convolution, (in, out / groups, k...) transposed
+            g = conv.groups
+            shape = ((conv.in_type.size, conv.out_type.size // g) if self.transposed
+                     else (conv.out_type.size, conv.in_type.size // g)) + (self.kernel_size,) * self.d
         # zeros when init_std == 0: do not consume the global RNG (keeps users' seeded runs identical)
         init = torch.randn(shape) * float(init_std) if init_std > 0 else torch.zeros(shape)
         self.weight = nn.Parameter(init)
@@ -190,9 +192,13 @@ class ConvRelaxation(RelaxationTerm):
                                 padding=conv.padding, stride=conv.stride, dilation=conv.dilation,
                                 groups=conv.groups, bias=False, initialize=False)
             self.subgroup_projector = BasisProjector(shadow.basisexpansion, rows, cols)
-        self._grid_in = conv.in_type if conv.groups == 1 else conv.in_type.index_select(
-            list(range(len(conv.in_type) // conv.groups)))
-        self._grid_out = conv.out_type
+        # the field types of the kernel's own axes: escnn builds a grouped kernel between one group of
+        # the input fields and all outputs, or (transposed) all inputs and one group of the outputs
+        self._grid_in, self._grid_out = conv.in_type, conv.out_type
+        if conv.groups > 1 and self.transposed:
+            self._grid_out = conv.out_type.index_select(list(range(len(conv.out_type) // conv.groups)))
+        elif conv.groups > 1:
+            self._grid_in = conv.in_type.index_select(list(range(len(conv.in_type) // conv.groups)))
         self._actions: list | None = None
         if penalty != "residual":
             self._actions = grid_actions(self._grid_in, self._grid_out, self.kernel_size, self.d)
