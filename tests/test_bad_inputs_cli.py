@@ -129,6 +129,33 @@ def test_escnn_empty_batch_gives_a_finite_penalty(escnn_model):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def _empty_batch_case(kind: str):
+    if kind == "vn":
+        from relax_vn.layers import VNLinear
+
+        return torch.nn.Sequential(VNLinear(2, 3)), torch.randn(0, 2, 3, 4)
+    o3 = pytest.importorskip("e3nn.o3")
+    return torch.nn.Sequential(o3.Linear("2x0e + 1x1o", "2x0e + 1x1o")), torch.randn(0, 5)
+
+
+@pytest.mark.parametrize("rank", [None, 2], ids=["dense", "rank2"])
+@pytest.mark.parametrize("kind", ["vn", "e3nn"])
+def test_empty_batch_contributes_a_zero_penalty(kind, rank):
+    model, x = _empty_batch_case(kind)
+    rp.relax(model, rank=rank)
+    rp.set_theta(model, 0.5)
+    with torch.no_grad():
+        for p in rp.relaxation_parameters(model):
+            p.normal_()
+    model(x)
+    assert float(rp.penalty(model, form="mean").detach()) == 0.0
+    for form in ("sqrt", "paper"):  # √(0 + eps) for each of the two sums
+        assert float(rp.penalty(model, 1.0, 1.0, form=form, eps=1e-12).detach()) == pytest.approx(2e-6, rel=1e-6)
+    rp.penalty(model, form="mean").backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert all(math.isfinite(v) for row in rp.projection_report(model).values() for v in row.values())
+
+
 def test_escnn_penalty_under_bf16_autocast(escnn_model):
     model, t = escnn_model
     with torch.no_grad():

@@ -253,9 +253,10 @@ class VNLinearRelaxation(LinearRelaxation):
         x = self.sample_rows(x_all)
         gens = (*self.gens3, *self.mirror3)
         factors = self.factors()
+        # sampled rows stand for all of them; an empty batch has no samples: 0, not 0/0
+        scale = x_all.shape[0] / x.shape[0] if x.shape[0] else 0.0
         if factors is not None:
             lie, norm = self._low_rank_penalty(x, factors[0], factors[1], gens)
-            scale = x_all.shape[0] / x.shape[0]
             return PenaltyTerms(lie.clamp_min(0) * scale, norm.clamp_min(0) * scale, x_all.shape[0])
         W = self.dense()
         n, d_in, d_out = x.shape[0], W.shape[1], W.shape[0]
@@ -273,7 +274,6 @@ class VNLinearRelaxation(LinearRelaxation):
                 wax = self._right(x, A.T) @ W.T  # rows: (A ⊗ I) x = x (A ⊗ I)ᵀ
                 lie = lie + (wax - self._left_rows(A, wx)).square().sum()
             norm = wx.square().sum()
-        scale = x_all.shape[0] / n if n else 0.0  # an empty batch has no samples: 0, not 0/0
         # tr(L G Lᵀ) ≥ 0 exactly; rounding can make a ~0 value slightly negative, and the core takes √
         return PenaltyTerms(lie.clamp_min(0) * scale, norm.clamp_min(0) * scale, x_all.shape[0])
 
