@@ -67,11 +67,21 @@ def _check_theta(value: Any, name: str = "θ") -> float:
     return check_real(value, name, minimum=0.0)
 
 
+def check_theta_fits(value: float, layers: list[tuple[str, RelaxedModule]], name: str = "θ") -> None:
+    """ValueError unless every layer's θ buffer (its dtype: float16 tops out at 65504) holds ``value``
+    as a finite number: a value that overflows would silently become inf, or fail half-way."""
+    for layer_name, layer in layers:
+        dtype = layer.theta.dtype
+        if value > torch.finfo(dtype).max:
+            raise ValueError(f"{name} = {value:g} does not fit the {dtype} θ of layer {layer_name or '<root>'!r} "
+                             f"(largest finite value {torch.finfo(dtype).max:g})")
+
+
 def set_theta(model: nn.Module, value: float | dict[str, float]) -> None:
     """Set θ of every relaxed layer (a number), or per layer (a dict name → θ).
 
-    θ must be a finite real number >= 0 (not a bool or a string); all values are checked before any
-    layer changes.
+    θ must be a finite real number >= 0 (not a bool or a string) that each layer's θ dtype holds
+    (float16: ≤ 65504); all values are checked before any layer changes.
 
     Example:
         >>> import torch, relax_plugins as rp
@@ -87,12 +97,16 @@ def set_theta(model: nn.Module, value: float | dict[str, float]) -> None:
         if unknown:
             raise KeyError(f"no relaxed layer named {sorted(unknown, key=repr)}; relaxed layers: {sorted(names)}")
         checked = {k: _check_theta(v, f"θ of layer {k!r}") for k, v in value.items()}
+        for name, layer in layers:
+            if name in checked:
+                check_theta_fits(checked[name], [(name, layer)], f"θ of layer {name!r}")
         with torch.no_grad():
             for name, layer in layers:
                 if name in checked:
                     layer.theta.fill_(checked[name])
         return
     v = _check_theta(value)
+    check_theta_fits(v, layers)
     with torch.no_grad():
         for _, layer in layers:
             layer.theta.fill_(v)

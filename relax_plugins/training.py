@@ -19,7 +19,7 @@ from .api import (
 )
 from .copying import module_copy
 from .optimizer_watch import OptimizerWatch
-from .relaxed import _require_relaxed
+from .relaxed import _require_relaxed, check_theta_fits
 from .schedules import Schedule, as_schedule
 
 __all__ = ["RelaxedTraining", "DEFAULT_PENALTY_EVERY"]
@@ -121,6 +121,8 @@ class RelaxedTraining:
         self.penalty_every = check_int(penalty_every, "penalty_every", minimum=1)
         self.total = total
         self.schedule = None if self.policy is not None else as_schedule(schedule, total=total or 1)
+        if self.schedule is not None:  # a peak the θ buffers cannot hold fails now, not mid-training
+            check_theta_fits(self.schedule.peak, self._layers, "the schedule's peak θ")
         self.penalty_calls = 0  # penalty() calls so far: with penalty_every = k, calls 0, k, 2k, ... compute it
         self.position = 0  # index of the next advance()
         self.policy_steps = 0  # step() calls that ran the policy

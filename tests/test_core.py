@@ -339,6 +339,26 @@ def test_errors_are_clear():
         rp.penalty(rp.relax(so2_model()))
 
 
+@pytest.mark.parametrize("dtype, value", [(torch.float32, 1e39), (torch.float16, 1e5), (torch.bfloat16, 1e39)])
+def test_theta_that_its_dtype_cannot_hold_is_refused_before_any_layer_changes(dtype, value):
+    from relax_toy.layers import SO2Linear
+
+    from relax_plugins.schedules import Triangular
+
+    # the first layer float64 (holds the value), the second in ``dtype`` (does not)
+    model = rp.relax(nn.Sequential(SO2Linear(1, 1).double(), SO2Linear(1, 1).to(dtype)))
+    before = rp.get_theta(model)
+    with pytest.raises(ValueError, match="does not fit.*'1'"):
+        rp.set_theta(model, value)
+    with pytest.raises(ValueError, match="does not fit"):
+        rp.set_theta(model, {"0": 0.5, "1": value})
+    assert rp.get_theta(model) == before
+    rp.set_theta(model, {"0": value, "1": 0.5})  # the float64 layer holds it
+    assert rp.get_theta(model)["0"] == value
+    with pytest.raises(ValueError, match="peak"):
+        rp.RelaxedTraining(model, Triangular(total=10, peak=value))
+
+
 def test_mixed_dtype_layer_is_refused_and_model_untouched():
     model = so2_model()
     model[2].b.data = model[2].b.data.float()
