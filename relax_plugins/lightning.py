@@ -31,11 +31,13 @@ class RelaxationCallback(pl.Callback):
     """Relaxation schedule, penalty, logging and projection for a ``LightningModule``.
 
     Relax the module's network before handing it to the trainer (``rp.relax(module)`` or on a
-    submodule). ``training_step`` may return a loss tensor or a dict with ``"loss"``.
+    submodule). ``training_step`` may return a loss tensor, a dict with ``"loss"``, or None (Lightning
+    skips the batch; no penalty is added).
 
     Args:
         schedule: name, :class:`~relax_plugins.schedules.Schedule` or callable of t ∈ [0, 1].
-        per: "epoch" (total = ``max_epochs``) or "step" (total = ``estimated_stepping_batches``).
+        per: "epoch" (total = ``max_epochs``) or "step" (total = ``estimated_stepping_batches``, the
+            optimiser steps: with ``accumulate_grad_batches=k``, θ moves once every k batches).
         lie: λ_LD. norm: λ_N. form: see :func:`relax_plugins.penalty`.
         merge: fold θ·P(W) into base weights when projecting (checkpoints and fit end).
         penalty_every: compute the penalty every k-th training step, k-fold (see
@@ -81,6 +83,8 @@ class RelaxationCallback(pl.Callback):
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
             out = original_step(*args, **kwargs)
+            if out is None:  # Lightning's way to skip a batch: no loss, so no penalty either
+                return None
             pen = self.run.penalty()
             pl_module.log("relax/penalty", pen.detach(), on_step=True, on_epoch=True)
             pl_module.log("relax/theta", float(self.run.theta), on_step=True, on_epoch=True)
@@ -126,7 +130,10 @@ class RelaxationCallback(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.per == "step":
+        # θ moves once per optimiser step, as estimated_stepping_batches counts them: with gradient
+        # accumulation over k batches, on the first batch of each window (batch_idx restarts every
+        # epoch, where Lightning also closes a short last window)
+        if self.per == "step" and batch_idx % max(int(trainer.accumulate_grad_batches), 1) == 0:
             self.run.advance()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -81,3 +81,27 @@ def test_callback_resume_mid_schedule(tmp_path):
 def test_callback_refuses_unrelaxed_module(tmp_path):
     with pytest.raises(RuntimeError, match="no relaxed layer"):
         trainer(tmp_path, 1, [RelaxationCallback()]).fit(Module(), loader())
+
+
+def test_callback_per_step_moves_theta_once_per_optimizer_step_under_accumulation(tmp_path):
+    module = Module()
+    rp.relax(module.net)
+    tr = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path, accumulate_grad_batches=2,
+                    callbacks=[RelaxationCallback("triangular", per="step")])
+    tr.fit(module, loader())  # 4 batches an epoch, 2 per optimiser step: 4 steps in all
+    # Triangular(total=4): 0, 2/3, 2/3, 0, each held for the two batches of its step
+    assert module.thetas == pytest.approx([0.0, 0.0, 2 / 3, 2 / 3, 2 / 3, 2 / 3, 0.0, 0.0], abs=1e-6)
+
+
+class SkippingModule(Module):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx == 1 else loss  # Lightning skips a batch whose step returns None
+
+
+def test_callback_passes_a_skipped_batch_through(tmp_path):
+    module = SkippingModule()
+    rp.relax(module.net)
+    trainer(tmp_path, 2, [RelaxationCallback("triangular", per="step", penalty_every=1)]).fit(module, loader())
+    assert len(module.thetas) == 8 and type(module.net[0]) is SO2Linear  # ran to the end, projected
