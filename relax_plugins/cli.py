@@ -109,12 +109,18 @@ def checkpoint_summary(state: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         >>> s = {"0.theta": torch.tensor(0.5), "0.term.weight": torch.ones(2, 2), "0.base.a": torch.ones(1)}
         >>> checkpoint_summary(s)
         [{'layer': '0', 'theta': 0.5, 'weight_norm': 2.0}]
+        >>> checkpoint_summary({"rot.theta": torch.randn(3), "scale.theta": torch.tensor(0.3)})  # users' own
+        []
     """
     out = []
-    for key in state:
+    for key, value in state.items():
         if not key.endswith("theta") or not (key == "theta" or key.endswith(".theta")):
             continue
         prefix = key[: -len("theta")]
+        # a relaxed layer's θ is a scalar next to its term's weights; a user's own `theta` is not
+        if not (torch.is_tensor(value) and value.dim() == 0 and value.is_floating_point()
+                and any(k.startswith(prefix + "term.") for k in state)):
+            continue
         w = state.get(prefix + "term.weight")
         if w is None and prefix + "term.lora_b" in state:
             w = state[prefix + "term.lora_b"] @ state[prefix + "term.lora_a"]

@@ -88,6 +88,30 @@ def test_report_good_checkpoint(ckpt, capsys, tmp_path):
     assert (tmp_path / "r.json").is_file()
 
 
+class _OwnTheta(nn.Module):
+    """A user's layer with parameters named theta (not relaxation's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.randn(3))
+        self.register_buffer("scale", torch.tensor(0.3))
+
+
+def test_report_ignores_a_users_own_theta(tmp_path, capsys):
+    model = nn.Sequential(_OwnTheta(), SO2Linear(1, 1))
+    model[0].register_buffer("theta2", torch.tensor(1.0))
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    code, out, _ = run_cli(capsys, "report", str(tmp_path / "plain.pt"))
+    assert code == 0 and "no relaxed layer" in out
+    # a scalar `theta` buffer of the user's, next to a relaxed layer: only the relaxed one is listed
+    holder = nn.Sequential(nn.Module(), rp.relax(nn.Sequential(SO2Linear(1, 1))))
+    holder[0].register_buffer("theta", torch.tensor(0.7))
+    rp.set_theta(holder[1], 0.25)
+    torch.save(holder.state_dict(), tmp_path / "mixed.pt")
+    code, out, _ = run_cli(capsys, "report", str(tmp_path / "mixed.pt"))
+    assert code == 0 and "0.25" in out and "0.7" not in out
+
+
 def test_report_lightning_checkpoint_is_not_called_projected(tmp_path, capsys):
     model = rp.relax(toy_model())
     rp.set_theta(model, 0.25)
