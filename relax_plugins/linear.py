@@ -29,7 +29,8 @@ class LinearRelaxation(RelaxationTerm):
         symmetry: generators on the input and output fibres of the layer.
         rank: if given, W = B·A with A (rank, d_in) random and B (d_out, rank) zero (LoRA-style),
             so relax() still does not change outputs but W can learn.
-        init_std: standard deviation of a random initial W (full rank only); 0 keeps outputs.
+        init_std: standard deviation of the entries of a random initial W (dense, or B·A with a
+            random B when ``rank`` is given); 0 keeps outputs.
         subgroup: relax only to a subgroup H of the layer's group: the H-generators as a
             :class:`Symmetry` (projected generically) or any module mapping a dense W to P_H(W).
             W = P_H(V) stays exactly H-equivariant while the penalties and the final projection
@@ -70,7 +71,10 @@ class LinearRelaxation(RelaxationTerm):
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"rank must be an int >= 1 or None, got {rank!r}")
             self.lora_a = nn.Parameter(torch.randn(rank, d_in) / math.sqrt(d_in))
-            self.lora_b = nn.Parameter(torch.zeros(d_out, rank))
+            # B = 0 keeps the outputs (LoRA); with init_std, W = B·A gets entries of that std:
+            # Var(W_ij) = rank · Var(B) / d_in
+            b = torch.randn(d_out, rank) * (init_std * math.sqrt(d_in / rank)) if init_std > 0 else None
+            self.lora_b = nn.Parameter(torch.zeros(d_out, rank) if b is None else b)
         self._x: Tensor | None = None
         self._y: Tensor | None = None
         #: m: estimate the Lie/discrete defect from m generators drawn per step (see moment_penalties)

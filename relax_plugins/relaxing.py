@@ -92,7 +92,8 @@ def relax(
             pattern as a string, or a list of patterns).
         exclude: skip layers whose qualified name matches one of these patterns (string or list).
         rank: low-rank W of this rank, an int >= 1 (None: dense W).
-        init_std: std of a random initial dense W, a finite number >= 0 (0 keeps outputs unchanged).
+        init_std: std of the entries of a random initial W (dense, or B·A with a random B when ``rank``
+            is given), a finite number >= 0 (0 keeps outputs unchanged).
         penalty_samples: compute the penalties of layers whose terms declare ``subsampled_penalty``
             (pointwise layers) on at most this many recorded samples each (an evenly strided subset,
             rescaled: an estimate of the full sums; see :meth:`RelaxationTerm.sample_rows`); an int >= 1.

@@ -4,6 +4,7 @@ saves no more activations for backward than a dense one."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -370,3 +371,22 @@ def test_layer_cost_benchmark_runs_on_small_shapes(capsys):
         assert r["base_ms"] > 0 and all(math.isfinite(v) for v in r.values())
         assert set(r) >= {"dense", "rank 2", "rank 2, no input grad", "empty node"}
     assert capsys.readouterr().out.count("\n| ") == 3  # header rule and two rows after the header
+
+
+def test_low_rank_init_std_gives_w_entries_of_that_std():
+    torch.manual_seed(0)
+    term = LinearRelaxation(random_symmetry(64, 48, lie=1, group=0), rank=8, init_std=0.05)
+    W = term.dense().detach()
+    assert abs(float(W.std()) / 0.05 - 1) < 0.1  # 3072 entries: the sample std is within a few %
+    assert float(LinearRelaxation(random_symmetry(64, 48, lie=1, group=0), rank=8).dense().abs().max()) == 0.0
+
+
+def test_relax_with_rank_and_init_std_changes_outputs_like_dense():
+    o3 = pytest.importorskip("e3nn.o3")
+    x = torch.randn(10, 5)
+    for rank in (None, 2):
+        model = rp.relax(nn.Sequential(o3.Linear("2x0e + 1x1o", "2x0e + 1x1o")), rank=rank, init_std=0.5)
+        assert float(model[0].term.dense().detach().abs().sum()) > 0
+        base = copy.deepcopy(model[0].base)
+        rp.set_theta(model, 1.0)
+        assert not torch.allclose(model(x), base(x))
