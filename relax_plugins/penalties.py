@@ -147,6 +147,8 @@ def _penalty_groups(layers: list[tuple[str, RelaxedModule]]) -> list[PenaltyGrou
         if recorded and not any(isinstance(v, Tensor) for v in recorded.values()):
             raise RelaxError(f"penalty: layer {name or '<root>'!r} ({type(layer.base).__name__}) has not run a "
                              "forward pass yet: run the model on a batch before penalty()")
+        if not torch.is_inference_mode_enabled():
+            _leave_inference(term, recorded)
         # the declared capability decides; batchable_penalty() may still decline for this batch
         key = term.batchable_penalty() if term.batched_penalty else None
         if key is None:
@@ -160,6 +162,14 @@ def _penalty_groups(layers: list[tuple[str, RelaxedModule]]) -> list[PenaltyGrou
         lie, norm = moment_sums(terms, inputs)
         out.append(([n for n, _ in group], lie, norm, [n for _, n in inputs]))
     return out
+
+
+def _leave_inference(term: Any, recorded: dict[str, Any]) -> None:
+    """Replace recorded inference tensors (a forward under ``torch.inference_mode``) by normal copies:
+    autograd cannot save inference tensors for the penalty's backward."""
+    for key, value in recorded.items():
+        if isinstance(value, Tensor) and value.is_inference():
+            term.__dict__[key] = value.clone()
 
 
 def _per_layer(groups: list[PenaltyGroup]) -> list[tuple[str, PenaltyTerms]]:

@@ -191,3 +191,35 @@ def test_escnn_penalty_under_bf16_autocast(escnn_model):
     assert math.isfinite(float(pen)) and model[0].term.weight.grad is not None
     exact = float(rp.penalty(model))  # the projection itself runs in float32 under autocast
     assert math.isclose(float(pen), exact, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [2, 40], ids=["per-sample", "moments"])
+def test_penalty_after_a_forward_under_inference_mode(rows):
+    o3 = pytest.importorskip("e3nn.o3")
+    model = rp.relax(nn.Sequential(o3.Linear("2x0e + 1x1o", "2x0e + 1x1o")))
+    with torch.no_grad():
+        model[0].term.weight.normal_()
+    x = torch.randn(rows, 5)
+    with torch.inference_mode():
+        model(x)
+    pen = rp.penalty(model)
+    pen.backward()
+    assert model[0].term.weight.grad is not None and torch.isfinite(model[0].term.weight.grad).all()
+    model(x)  # the same penalty from a normal forward
+    assert torch.allclose(rp.penalty(model).detach(), pen.detach())
+
+
+def test_escnn_exact_norm_penalty_after_a_forward_under_inference_mode():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        escnn = pytest.importorskip("escnn")
+    gs = escnn.gspaces.rot2dOnR2(4)
+    t = escnn.nn.FieldType(gs, [gs.regular_repr])
+    model = rp.relax(escnn.nn.SequentialModule(escnn.nn.R2Conv(t, t, 3, padding=1)),
+                     adapter_options={"escnn": {"escnn_activation_norm": "exact"}})
+    with torch.no_grad():
+        model[0].term.weight.normal_()
+    with torch.inference_mode():
+        model(t(torch.randn(2, t.size, 7, 7)))
+    rp.penalty(model).backward()
+    assert torch.isfinite(model[0].term.weight.grad).all()
