@@ -100,6 +100,7 @@ class SkippingModule(Module):
         return None if batch_idx == 1 else loss  # Lightning skips a batch whose step returns None
 
 
+@pytest.mark.filterwarnings("ignore:.*returned `None`")
 def test_callback_passes_a_skipped_batch_through(tmp_path):
     module = SkippingModule()
     rp.relax(module.net)
