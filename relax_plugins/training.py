@@ -19,6 +19,7 @@ from .api import (
 )
 from .copying import module_copy
 from .optimizer_watch import OptimizerWatch
+from .projection import _check_mergeable
 from .relaxed import _require_relaxed, check_theta_fits
 from .schedules import Schedule, as_schedule
 
@@ -121,8 +122,8 @@ class RelaxedTraining:
         self.penalty_every = check_int(penalty_every, "penalty_every", minimum=1)
         self.total = total
         self.schedule = None if self.policy is not None else as_schedule(schedule, total=total or 1)
-        if self.schedule is not None:  # a peak the θ buffers cannot hold fails now, not mid-training
-            check_theta_fits(self.schedule.peak, self._layers, "the schedule's peak θ")
+        if self.schedule is not None:  # a θ the buffers cannot hold fails now, not mid-training
+            check_theta_fits(_largest_value(self.schedule), self._layers, "the schedule's largest θ")
         self.penalty_calls = 0  # penalty() calls so far: with penalty_every = k, calls 0, k, 2k, ... compute it
         self.position = 0  # index of the next advance()
         self.policy_steps = 0  # step() calls that ran the policy
@@ -148,12 +149,14 @@ class RelaxedTraining:
 
     @property
     def theta(self) -> float:
-        """θ of the current index (with a learned policy: the mean over layers)."""
-        if self.policy is not None:
+        """θ of the current index (with a learned policy, or before the first :meth:`advance`: the
+        mean of the layers' θ)."""
+        if self.policy is not None or self.position == 0:
+            # the layers' own θ (before the first advance() no schedule index has been set yet);
             # one host sync for all layers (advance() and loss() read this every step)
             thetas = [layer.theta.detach().double() for _, layer in self._current_layers()]
             return float(torch.stack(thetas).mean())
-        return self.schedule(max(self.position - 1, 0))
+        return self.schedule(self.position - 1)
 
     @property
     def done(self) -> bool:
@@ -204,7 +207,6 @@ class RelaxedTraining:
         """The relaxation penalty for the last forward pass (k × it on every k-th call and a graph-free
         zero otherwise, with ``penalty_every = k``)."""
         k, call = self.penalty_every, self.penalty_calls
-        self.penalty_calls += 1
         layers = self._current_layers()
         if call % k:
             theta = layers[0][1].theta
@@ -213,7 +215,9 @@ class RelaxedTraining:
             out = layers_penalty(layers, self.lie, self.norm, self.form, self._eps)
             out = out if k == 1 else k * out
         # the policy's own term (dual ascent's λ·γ) on every call: it is what moves θ
-        return out if self.policy is None else out + self.policy.penalty()
+        out = out if self.policy is None else out + self.policy.penalty()
+        self.penalty_calls += 1  # counted once it succeeded: a failed call does not shift the k-cycle
+        return out
 
     def loss(self, task_loss: Tensor) -> Tensor:
         """``task_loss + penalty``; logs both (as floats) in :attr:`history`."""
@@ -248,7 +252,18 @@ class RelaxedTraining:
 
     def finish(self, merge: bool = False) -> nn.Module:
         """Project the model in place (after the schedule ends θ is 0 already; a learned policy's
-        ``finish()`` sets it to 0)."""
+        ``finish()`` sets it to 0).
+
+        Raises:
+            NotRelaxedError: the model holds no relaxed layer any more (finished or projected before).
+            NonFiniteError: ``merge=True`` and some relaxation weights are not finite; nothing changed.
+        """
+        # everything that can refuse is checked before θ changes: a refused finish leaves the run as it was
+        merge = check_bool(merge, "merge")
+        layers = self._current_layers()  # NotRelaxedError once projected (a second finish())
+        if merge:
+            for name, layer in layers:
+                _check_mergeable(name, layer)
         if self.policy is not None:
             self.policy.finish()
         elif not self.done and not math.isclose(self.theta, 0.0):
@@ -257,7 +272,8 @@ class RelaxedTraining:
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule position and log; θ and W live in the model's own state_dict."""
-        state = {"position": self.position, "history": list(self.history), "schedule": self._schedule_name(),
+        state = {"position": self.position, "history": [dict(h) for h in self.history],
+                 "schedule": self._schedule_name(),
                  "penalty_calls": self.penalty_calls}
         if self.policy is not None:
             state["policy"] = {"state": self.policy.state_dict(), "steps": self.policy_steps}
@@ -291,13 +307,25 @@ class RelaxedTraining:
             if not isinstance(policy, dict) or set(policy) != {"state", "steps"}:
                 raise ValueError("state['policy'] must be {'state': ..., 'steps': ...}")
             steps = check_int(policy["steps"], "state['policy']['steps']", minimum=0)
+            # step() follows each advance(): after `position` advances, position - 1 or position steps
+            if not position - 1 <= steps <= position:
+                raise ValueError(f"state['policy']['steps'] = {steps} does not fit state['position'] = {position} "
+                                 "(expected position - 1 or position)")
             self.policy.load_state_dict(policy["state"])  # validates before changing anything
             self.policy_steps = steps
         self.position = position
-        self.history = list(history)
+        self.history = [dict(h) for h in history]
         self.penalty_calls = calls
         if self.position > 0 and self.policy is None:
             set_theta(self.model, self.schedule(self.position - 1))
+
+
+def _largest_value(schedule: Schedule, points: int = 100_000) -> float:
+    """The largest θ the schedule gives (at every index, or at ``points`` evenly spread ones for very
+    long schedules); evaluating it also validates a callable schedule's values up front."""
+    n = schedule.total
+    idx = range(n) if n <= points else sorted({round(k * (n - 1) / (points - 1)) for k in range(points)})
+    return max(schedule(i) for i in idx)
 
 
 _POLICY_METHODS = ("step", "penalty", "finish", "state_dict", "load_state_dict")

@@ -355,7 +355,7 @@ def test_theta_that_its_dtype_cannot_hold_is_refused_before_any_layer_changes(dt
     assert rp.get_theta(model) == before
     rp.set_theta(model, {"0": value, "1": 0.5})  # the float64 layer holds it
     assert rp.get_theta(model)["0"] == value
-    with pytest.raises(ValueError, match="peak"):
+    with pytest.raises(ValueError, match="largest θ"):
         rp.RelaxedTraining(model, Triangular(total=10, peak=value))
 
 

@@ -257,6 +257,57 @@ def test_finish_ends_the_policy_and_projects():
     assert not any(isinstance(m, rp.RelaxedModule) for m in model.modules())
 
 
+@pytest.mark.parametrize("kind", ["dual", "schedule"])
+def test_a_refused_finish_changes_nothing_and_a_second_finish_is_a_clear_error(kind):
+    model = make_model()
+    schedule = rp.DualAscentTheta(model, init=0.8) if kind == "dual" else "constant"
+    run = rp.RelaxedTraining(model, schedule, total=None if kind == "dual" else 10)
+    if kind == "schedule":
+        run.advance()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    theta_params = [isinstance(m.theta, nn.Parameter) for _, m in rp.relaxed_modules(model)]
+    with pytest.raises(TypeError, match="merge"):
+        run.finish(merge="yes")
+    with torch.no_grad():  # a diverged W: merge=True must refuse before θ moves
+        model[0].term.weight[0, 0] = float("nan")
+    with pytest.raises(rp.NonFiniteError):
+        run.finish(merge=True)
+    after = model.state_dict()
+    assert set(after) == set(state)
+    assert all(torch.equal(after[k], v) or (k == "0.term.weight") for k, v in state.items())
+    assert [isinstance(m.theta, nn.Parameter) for _, m in rp.relaxed_modules(model)] == theta_params
+    run.finish()
+    with pytest.raises(rp.NotRelaxedError):
+        run.finish()
+
+
+def test_state_bookkeeping_edge_cases():
+    model = make_model()
+    run = rp.RelaxedTraining(model, "cosine", total=6, penalty_every=2)
+    assert run.theta == 0.0  # before the first advance(): the layers' own θ, not the schedule's peak
+    with pytest.raises(rp.RelaxError):
+        run.penalty()  # no forward yet
+    assert run.penalty_calls == 0  # a failed call does not shift the every-k cycle
+    run.advance()
+    run.loss(model(torch.randn(4, 6)).square().mean())
+    state = run.state_dict()
+    state["history"][0]["task"] = -1.0  # the returned state is a copy
+    assert run.history[0]["task"] != -1.0
+    policy_run = rp.RelaxedTraining(model, rp.DualAscentTheta(model, dual_lr=1e-2))
+    policy_state = policy_run.state_dict()
+    policy_state.update(position=2, policy={"state": policy_state["policy"]["state"], "steps": 7})
+    with pytest.raises(ValueError, match="steps"):
+        policy_run.load_state_dict(policy_state)
+
+
+def test_callable_schedule_values_are_checked_at_construction():
+    model = rp.relax(nn.Sequential(SO2Linear(1, 1).half()))
+    with pytest.raises(ValueError, match="largest θ"):
+        rp.RelaxedTraining(model, lambda t: 1e5, total=10)
+    with pytest.raises(ValueError, match="returned"):
+        rp.RelaxedTraining(model, lambda t: -1.0 if t > 0.5 else 0.5, total=10)
+
+
 def test_policy_of_another_model_is_refused_before_anything_changes():
     model, other = make_model(), make_model()
     policy = rp.DualAscentTheta(other, dual_lr=1e-2)
