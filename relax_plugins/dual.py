@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ._checks import check_bool, check_real
 from .api import _require_relaxed
-from .errors import NonFiniteError
+from .errors import NonFiniteError, NotRelaxedError
 
 __all__ = ["DualAscentTheta"]
 
@@ -116,7 +116,20 @@ class DualAscentTheta:
                 self.slacks[name] = max(0.0, u)
 
     def finish(self) -> None:
-        """Turn γ back into fixed buffers; θ = 0 unless resilient (then the learned γ stays)."""
+        """Turn γ back into fixed buffers; θ = 0 unless resilient (then the learned γ stays).
+
+        Call it once: a second call raises :class:`~relax_plugins.NotRelaxedError` and changes nothing,
+        as :meth:`~relax_plugins.RelaxedTraining.finish` does when called twice (its model is projected
+        by then).
+
+        Raises:
+            NotRelaxedError: ``finish()`` already ran (θ is a fixed buffer again in some layer).
+        """
+        # check every layer first: a second call must not half-convert, nor fail with a bare KeyError
+        done = [name or "<root>" for name, layer in self.layers if not isinstance(layer.theta, nn.Parameter)]
+        if done:
+            raise NotRelaxedError(f"DualAscentTheta.finish() was already called: θ of layer(s) {done} is a fixed "
+                                  "buffer again, nothing left to finish")
         for _, layer in self.layers:
             value = layer.theta.detach().clone()
             if not self.resilient:

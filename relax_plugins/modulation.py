@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ._checks import check_int, check_real
 from .api import _require_relaxed
+from .errors import NonFiniteError
 from .term import LinearRelaxation
 
 __all__ = ["LearnedModulation"]
@@ -107,7 +108,13 @@ class LearnedModulation:
 
     @torch.no_grad()
     def step(self) -> None:
-        """After ``optimizer.step()``: measure f_i on the last forward pass, then move θ_i toward θ_max·f_i."""
+        """After ``optimizer.step()``: measure f_i on the last forward pass, then move θ_i toward θ_max·f_i.
+
+        Raises:
+            RuntimeError: no forward pass was recorded yet.
+            NonFiniteError: a measured layer's W, input or relaxed output is NaN/inf (after a NaN/inf
+                loss, say); θ, f and the step count are left as they were.
+        """
         if self.count % self.every == 0:
             rows = []
             for _, layer in self.layers:
@@ -120,6 +127,12 @@ class LearnedModulation:
                 C = W - term.project_dense(W).double()
                 rows.append(torch.stack([((C @ S) * C).sum(), term._y.double().square().sum()]))
             values = torch.stack(rows).tolist()  # one host sync for all layers
+            # NaN/inf would pass through min(1.0, nan) = 1.0 (or y2 > 0 = False) and silently drive θ to
+            # θ_max (or 0): refuse before anything changes, as DualAscentTheta.step does
+            bad = [name or "<root>" for (name, _), v in zip(self.layers, values) if not all(map(math.isfinite, v))]
+            if bad:
+                raise NonFiniteError(f"LearnedModulation.step(): W, input or output of layer(s) {bad} is NaN/inf "
+                                     "(a NaN/inf loss or optimiser step?): lower the learning rate; θ was not updated")
             for (name, _), (c2, y2) in zip(self.layers, values):
                 self.shares[name] = min(1.0, self.thetas[name] * math.sqrt(max(c2, 0.0) / y2)) if y2 > 0 else 0.0
         self.count += 1
@@ -147,14 +160,29 @@ class LearnedModulation:
         return {"thetas": dict(self.thetas), "shares": dict(self.shares), "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a state of another model or another policy raises before anything changes."""
+        """Restore :meth:`state_dict`; everything is validated before anything changes.
+
+        Raises:
+            ValueError: a state of another model or policy (other keys or layer names), or a θ_i outside
+                [0, θ_max], an f_i outside [0, 1], a NaN/inf value or a negative count.
+            TypeError: a value that is not a real number (θ_i, f_i) or not an int (count).
+        """
         if not isinstance(state, dict) or set(state) != {"thetas", "shares", "count"}:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"not a LearnedModulation state: expected keys ['count', 'shares', 'thetas'], got {got}")
-        if set(state["thetas"]) != set(self.thetas) or set(state["shares"]) != set(self.thetas):
-            raise ValueError(f"state is for layers {sorted(state['thetas'])}, this model has {sorted(self.thetas)}")
-        check_int(state["count"], "state['count']", minimum=0)
-        self.thetas = {k: float(v) for k, v in state["thetas"].items()}
-        self.shares = {k: float(v) for k, v in state["shares"].items()}
-        self.count = int(state["count"])
+        names = sorted(self.thetas)
+        # upper bounds with a little slack: (1 − α)·θ_max + α·θ_max may round one ulp above θ_max
+        new = {}
+        for key, upper in (("thetas", self.theta_max), ("shares", 1.0)):
+            part = state[key]
+            if not isinstance(part, dict) or sorted(part, key=str) != names:
+                got = sorted(part, key=str) if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"state[{key!r}] is for layers {got}, this model has {names}")
+            new[key] = {k: check_real(v, f"state[{key!r}][{k!r}]") for k, v in part.items()}
+            high = {k: v for k, v in new[key].items() if v > upper * (1 + 1e-9)}
+            if high:
+                raise ValueError(f"state[{key!r}] holds {high}, above {upper:g} "
+                                 f"({'theta_max' if key == 'thetas' else 'a share'}): not a state of this policy")
+        count = check_int(state["count"], "state['count']", minimum=0)
+        self.thetas, self.shares, self.count = new["thetas"], new["shares"], count
         self._write_thetas()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from relax_toy.layers import SO2Gate, SO2Linear
@@ -88,3 +90,24 @@ def test_state_round_trip_and_errors():
         rp.DualAscentTheta(model)
     with pytest.raises(ValueError):
         rp.DualAscentTheta(model_and_data(True)[0], dual_lr=-1.0)
+
+
+@pytest.mark.parametrize("resilient", [False, True])
+def test_finish_twice_raises_not_relaxed_and_changes_nothing(resilient):
+    """A second finish() is an error (as RelaxedTraining.finish twice is), never a bare KeyError."""
+    model = model_and_data(symmetric=False)[0]
+    dual = rp.DualAscentTheta(model, init=0.5, resilient=resilient)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the resilient run's "approximately equivariant" warning
+        dual.finish()
+    theta = rp.get_theta(model)
+    with pytest.raises(rp.NotRelaxedError, match=r"already called.*\['0', '2'\]"):
+        dual.finish()
+    assert rp.get_theta(model) == theta and "0.theta" in dict(model.named_buffers())
+    rp.project(model)
+
+    model = model_and_data(symmetric=True)[0]
+    run = rp.RelaxedTraining(model, rp.DualAscentTheta(model))
+    run.finish()
+    with pytest.raises(rp.NotRelaxedError):
+        run.finish()

@@ -166,3 +166,59 @@ def test_bad_arguments_raise():
 
     with pytest.raises(TypeError, match="LinearRelaxation"):
         rp.LearnedModulation(nn.Sequential(rp.RelaxedModule(SO2Linear(1, 1), Opaque())))
+
+
+def test_load_state_dict_validates_everything_before_changing_anything():
+    model = model_and_data(symmetric=True)[0]
+    mod = rp.LearnedModulation(model, theta_max=0.5)
+    before, thetas = mod.state_dict(), rp.get_theta(model)
+    bad_values = (
+        ("thetas", math.nan, ValueError, "finite"), ("thetas", math.inf, ValueError, "finite"),
+        ("thetas", -0.1, ValueError, ">= 0"), ("thetas", 0.6, ValueError, "theta_max"),
+        ("thetas", "abc", TypeError, "real number"), ("thetas", None, TypeError, "real number"),
+        ("thetas", True, TypeError, "real number"), ("shares", math.nan, ValueError, "finite"),
+        ("shares", -0.5, ValueError, ">= 0"), ("shares", 1.5, ValueError, "share"),
+        ("shares", "abc", TypeError, "real number"),
+    )
+    for key, value, error, match in bad_values:
+        state = mod.state_dict()
+        state["thetas"]["0"] = 0.25  # a valid value ahead of the bad one must not be applied either
+        state[key]["2"] = value
+        with pytest.raises(error, match=match):
+            mod.load_state_dict(state)
+        assert mod.state_dict() == before and rp.get_theta(model) == thetas, (key, value)
+    for count, error in ((-1, ValueError), (1.5, TypeError), ("3", TypeError)):
+        with pytest.raises(error, match="count"):
+            mod.load_state_dict({**mod.state_dict(), "thetas": {"0": 0.25, "2": 0.25}, "count": count})
+    with pytest.raises(ValueError, match="layers"):
+        mod.load_state_dict({**mod.state_dict(), "shares": [0.0, 0.0]})
+    assert mod.state_dict() == before and rp.get_theta(model) == thetas
+    good = {"thetas": {"0": 0.25, "2": 0.5}, "shares": {"0": 0.0, "2": 1.0}, "count": 7}
+    mod.load_state_dict(good)
+    assert mod.state_dict() == good and rp.get_theta(model) == {"0": 0.25, "2": 0.5}
+
+
+def test_step_on_nonfinite_weights_raises_and_keeps_theta():
+    """A NaN/inf W (say after a NaN loss) must not pass min(1, θ·sqrt(nan)) = 1 and drive θ to θ_max."""
+    model, x, y = model_and_data(symmetric=True)
+    mod = rp.LearnedModulation(model, rate=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    train(model, x, y, mod, steps=4, opt=opt)
+    before, thetas = mod.state_dict(), rp.get_theta(model)
+    assert max(before["thetas"].values()) < 0.1
+    loss = (model(x) - y).square().mean() * math.nan  # a NaN loss: the optimiser step makes W NaN
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with pytest.raises(rp.NonFiniteError, match=r"\['0', '2'\].*NaN/inf"):
+        mod.step()
+    assert mod.state_dict() == before and rp.get_theta(model) == thetas
+
+    model, x, y = model_and_data(symmetric=True)
+    mod = rp.LearnedModulation(model)
+    model(x)
+    with torch.no_grad():
+        model[2].term.weight.fill_(math.inf)  # only the output layer: the message names it alone
+    with pytest.raises(rp.NonFiniteError, match=r"layer\(s\) \['2'\]"):
+        mod.step()
+    assert mod.state_dict() == {"thetas": {"0": 1.0, "2": 1.0}, "shares": {"0": 0.0, "2": 0.0}, "count": 0}
