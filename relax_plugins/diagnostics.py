@@ -54,7 +54,8 @@ def equivariance_report(
 
     Args:
         model: a relaxed model.
-        *inputs: one batch, passed as ``model(*inputs)`` (no gradients).
+        *inputs: one batch, passed as ``model(*inputs)`` in the caller's grad mode (models that
+            differentiate inside forward, e.g. MACE's forces, need it; nothing is backpropagated).
         error_fn: model → equivariance error (your group action on your data); optional.
         merge: how the projected copy is made.
 
@@ -72,18 +73,21 @@ def equivariance_report(
     merge = check_bool(merge, "merge")
     if not inputs:
         raise TypeError("equivariance_report needs one batch of inputs: equivariance_report(model, x, ...)")
-    # the report's batch runs through the model as it is (train or eval mode), then everything it
-    # touched (BatchNorm statistics, dropout's RNG draws, the recorded activations) is put back
-    with preserved_state(model), torch.no_grad():
+    # the report's batch runs through the model as it is (train or eval mode, the caller's grad mode:
+    # MACE differentiates inside its forward for forces), then everything it touched (BatchNorm
+    # statistics, dropout's RNG draws, the recorded activations) is put back
+    with preserved_state(model):
         model(*inputs)
-        layers = projection_report(model)
+        with torch.no_grad():
+            layers = projection_report(model)
         for name, layer in relaxed_modules(model):
             layers[name]["adapter"] = layer.adapter
             layers[name]["layer"] = type(layer.base).__name__
         out: dict[str, Any] = {"layers": layers, "model": {}}
-        if error_fn is not None:
+        if error_fn is not None:  # in the caller's grad mode too: error_fn runs the user's own code
             out["model"]["relaxed"] = _error_value(error_fn(model), "relaxed")
-            projected = project(copy.deepcopy(model), merge=merge)
+            with torch.no_grad():
+                projected = project(copy.deepcopy(model), merge=merge)
             out["model"]["projected"] = _error_value(error_fn(projected), "projected")
     return out
 

@@ -153,7 +153,8 @@ class RelaxationCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         keys = {"position", "history", "schedule"}
-        if not isinstance(state_dict, dict) or (state_dict and set(state_dict) - {"penalty_calls"} != keys):
+        if not isinstance(state_dict, dict) or (state_dict and set(state_dict) - {"penalty_calls", "random_states"}
+                                                 != keys):
             got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(f"not a RelaxationCallback state: expected keys ['history', 'position', 'schedule'], "
                              f"got {got}")

@@ -207,6 +207,17 @@ class LinearRelaxation(RelaxationTerm):
             self._generator_rng = torch.Generator().manual_seed(0)
         return torch.randperm(count, generator=self._generator_rng)[:m]
 
+    def random_state(self) -> Tensor | None:
+        """State of the term's own random stream (``penalty_generators`` draws), or None before its
+        first draw: saved by :meth:`relax_plugins.RelaxedTraining.state_dict` for bit-identical resumes."""
+        return None if self._generator_rng is None else self._generator_rng.get_state()
+
+    def set_random_state(self, state: Tensor) -> None:
+        """Restore :meth:`random_state`."""
+        if self._generator_rng is None:
+            self._generator_rng = torch.Generator()
+        self._generator_rng.set_state(state)
+
     def factors(self) -> tuple[Tensor, Tensor] | None:
         """(A, B) with W = B·A for a low-rank W without subgroup parametrisation, else None."""
         if self.rank is None or self.subgroup is not None:
@@ -264,7 +275,13 @@ class LinearRelaxation(RelaxationTerm):
                 # what project(merge=True) changes: θ(W − P(W))x, or all of θWx where nothing merges
                 kept = (W - P) if self.can_merge else W
                 out["rel_output_error"] = float(th * (x @ kept.T).norm() / y_norm)
-                t = self.penalty_terms()
+                # the exact defect over all generators: a report neither estimates nor draws from the
+                # stream that penalty_generators samples with
+                sampled, self.penalty_generators = self.penalty_generators, None
+                try:
+                    t = self.penalty_terms()
+                finally:
+                    self.penalty_generators = sampled
                 out["lie_defect"] = float(t.lie / max(t.samples, 1))
             return out
 

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import random
-import sys
 import warnings
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from ._checks import check_bool
 from .errors import AdapterError, NonFiniteError
+from .probe import kept_state
 from .relaxed import _require_relaxed
-from .term import RelaxationTerm
 from .wrapper import RelaxedModule
 
 __all__ = ["project", "projected_state_dict", "projection_report", "merge_deltas", "preserved_state"]
@@ -48,10 +45,10 @@ def projection_report(model: nn.Module) -> dict[str, dict[str, float]]:
     return out
 
 
-@contextlib.contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Run diagnostics on ``model`` and leave it as it was: parameter and buffer values (BatchNorm
-    statistics), every module's train/eval mode, the torch/NumPy/Python RNGs and what the relaxation
+def preserved_state(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Run diagnostics on ``model`` and leave it as it was (:func:`relax_plugins.probe.kept_state`):
+    parameter and buffer values (BatchNorm statistics, swapped for copies inside), every module's
+    train/eval mode, the torch/NumPy/Python RNGs, the terms' own generators and what the relaxation
     terms recorded from the user's last forward pass are restored on exit, errors included.
 
     Example:
@@ -62,37 +59,7 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
         >>> bn.running_mean.tolist()
         [0.0, 0.0]
     """
-    tensors = []
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for key, t in store.items():
-                if t is not None:
-                    tensors.append((store, key, t, t.detach().clone()))
-    modes = [(m, m.training) for m in model.modules()]
-    recorded = [(t, t.recorded_state()) for t in model.modules() if isinstance(t, RelaxationTerm)]
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    py_rng = random.getstate()
-    np_mod = sys.modules.get("numpy")
-    np_rng = np_mod.random.get_state() if np_mod is not None else None
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for store, key, t, saved in tensors:
-                store[key] = t
-                if not torch.equal(t.detach(), saved):
-                    t.detach().copy_(saved)
-        for m, mode in modes:
-            m.training = mode
-        for term, state in recorded:
-            term.__dict__.update(state)
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        random.setstate(py_rng)
-        if np_rng is not None:
-            np_mod.random.set_state(np_rng)
+    return kept_state(model)
 
 
 def project(model: nn.Module, merge: bool = False) -> nn.Module:

@@ -277,7 +277,19 @@ class RelaxedTraining:
                  "penalty_calls": self.penalty_calls}
         if self.policy is not None:
             state["policy"] = {"state": self.policy.state_dict(), "steps": self.policy_steps}
+        streams = self._random_states()
+        if streams:  # terms drawing generators per step (penalty_generators): their streams resume too
+            state["random_states"] = streams
         return state
+
+    def _random_states(self) -> dict[str, Tensor]:
+        out = {}
+        for name, layer in self._current_layers():
+            get = getattr(layer.term, "random_state", None)
+            value = get() if callable(get) else None
+            if value is not None:
+                out[name] = value
+        return out
 
     def _schedule_name(self) -> str:
         return repr(self.schedule) if self.policy is None else type(self.policy).__name__
@@ -285,7 +297,7 @@ class RelaxedTraining:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; a state of another run (other keys, schedule or position past the
         end) raises before anything changes."""
-        required, optional = {"position", "history", "schedule"}, {"penalty_calls", "policy"}
+        required, optional = {"position", "history", "schedule"}, {"penalty_calls", "policy", "random_states"}
         if not isinstance(state, dict) or set(state) - optional != required:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"not a RelaxedTraining state: expected keys ['history', 'position', 'schedule'], "
@@ -302,6 +314,12 @@ class RelaxedTraining:
         if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
             raise ValueError("state['history'] must be a list of dicts")
         calls = check_int(state.get("penalty_calls", 0), "state['penalty_calls']", minimum=0)
+        streams = state.get("random_states", {})
+        terms = {name: layer.term for name, layer in self._current_layers()}
+        if not isinstance(streams, dict) or not all(
+                k in terms and callable(getattr(terms[k], "set_random_state", None))
+                and isinstance(v, Tensor) and v.dtype == torch.uint8 for k, v in streams.items()):
+            raise ValueError("state['random_states'] must map this model's relaxed layers to generator states")
         if self.policy is not None:
             policy = state["policy"]
             if not isinstance(policy, dict) or set(policy) != {"state", "steps"}:
@@ -316,6 +334,8 @@ class RelaxedTraining:
         self.position = position
         self.history = [dict(h) for h in history]
         self.penalty_calls = calls
+        for name, value in streams.items():
+            terms[name].set_random_state(value)
         if self.position > 0 and self.policy is None:
             set_theta(self.model, self.schedule(self.position - 1))
 

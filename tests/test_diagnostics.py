@@ -79,3 +79,73 @@ def test_cli_report_on_checkpoint(tmp_path, capsys, monkeypatch):
     assert cli.main(["report", str(path), "--model", "factory_mod:make", "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert 0 < report["layers"]["0"]["rel_weight_error"] < 1
+
+
+# -- diagnostics leave a pending backward, recorded activations and random streams alone --------
+def test_report_in_train_mode_with_batchnorm_keeps_a_pending_backward():
+    torch.manual_seed(0)
+    model = rp.relax(nn.Sequential(SO2Linear(2, 2), nn.BatchNorm1d(4), SO2Linear(2, 2))).train()
+    x = torch.randn(8, 4)
+    loss = model(x).square().mean()  # BatchNorm saved its running statistics for this backward
+    stats = model[1].running_mean.clone()
+    rp.equivariance_report(model, torch.randn(8, 4))
+    loss.backward()  # not "modified by an inplace operation"
+    assert torch.equal(model[1].running_mean, stats) and model.training
+
+
+def test_probe_forward_keeps_a_pending_backward_and_the_recorded_activations():
+    from relax_plugins.probe import probe_forward
+
+    model = rp.relax(nn.Sequential(SO2Linear(2, 2), SO2Gate(), SO2Linear(2, 2)))
+    with torch.no_grad():
+        for p in rp.relaxation_parameters(model):
+            p.normal_()
+    x = torch.randn(8, 4)
+    loss = model(x).sum()
+    before = float(rp.penalty(model).detach())
+    probe_forward(model, (torch.randn(16, 4) * 10,), {})
+    assert float(rp.penalty(model).detach()) == before  # the penalty still sees the user's batch
+    loss.backward()
+
+
+class _ForcesInside(nn.Module):
+    """Differentiates inside forward (as MACE does for forces): needs grad mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(SO2Linear(2, 2), SO2Gate(), SO2Linear(2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().requires_grad_()
+        energy = self.net(x).square().sum()
+        (forces,) = torch.autograd.grad(energy, x, create_graph=self.training)
+        return forces
+
+
+def test_report_on_a_model_that_differentiates_inside_forward():
+    model = rp.relax(_ForcesInside())
+    report = rp.equivariance_report(model, torch.randn(8, 4))
+    assert set(report["layers"]) == {"net.0", "net.2"}
+    assert all(p.grad is None for p in model.parameters())  # nothing was backpropagated into the model
+
+
+def test_reports_do_not_move_the_generator_sampling_stream():
+    def build():
+        torch.manual_seed(0)
+        model = rp.relax(nn.Sequential(SO2Linear(3, 3), SO2Linear(3, 3)))
+        for _, layer in rp.relaxed_modules(model):
+            layer.term.symmetry.lie_in = torch.randn(4, 6, 6, dtype=torch.float64)  # several generators
+            layer.term.symmetry.lie_out = torch.randn(4, 6, 6, dtype=torch.float64)
+            layer.term.penalty_generators = 1
+        with torch.no_grad():
+            for p in rp.relaxation_parameters(model):
+                p.normal_()
+        return model
+
+    x = torch.randn(32, 6)
+    plain, reported = build(), build()
+    for _ in range(4):
+        plain(x)
+        reported(x)
+        rp.projection_report(reported)
+        assert torch.equal(rp.penalty(plain), rp.penalty(reported))

@@ -258,3 +258,13 @@ def test_probe_agrees_with_the_source_rule_on_classic_vn_files():
         assert {n for n, _ in rp.relaxed_modules(model)} == by_source
         rp.set_theta(model, 0.5)
         model(x).sum().backward()
+
+
+def test_probe_skips_torchscript_submodules():
+    """MACE compiles parts of itself with TorchScript, which takes no Python hooks: the VN probe
+    observes the rest and the other adapters still relax the model."""
+    from relax_toy.layers import SO2Linear
+
+    model = nn.Sequential(SO2Linear(2, 2), torch.jit.script(nn.Tanh()))
+    relaxed = rp.relax(model, example_inputs=torch.randn(5, 4))
+    assert [name for name, _ in rp.relaxed_modules(relaxed)] == ["0"]

@@ -155,7 +155,9 @@ class _Recorder:
         self.calls: dict[int, list[Tensor]] = {}
         self.first: dict[int, tuple[tuple, dict, Any]] = {}
         self.called: set[int] = set()
-        self.handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in root.modules()]
+        # TorchScript modules take no Python hooks (MACE compiles some); nothing in them is a VN layer
+        self.handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in root.modules()
+                        if not isinstance(m, torch.jit.ScriptModule)]
 
     def reset(self) -> None:
         self.calls, self.first, self.called = {}, {}, set()
