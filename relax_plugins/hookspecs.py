@@ -95,7 +95,10 @@ def relax_observe(
     ``vn`` adapter finds the Linears whose inputs carry xyz vectors by running the model on rotated
     copies of the inputs). Run the model through :func:`relax_plugins.probe.probe_forward`, which
     leaves its state exactly as it was (train/eval flags, parameters, buffers such as BatchNorm
-    running statistics, random number generators); never modify the model here.
+    running statistics, random number generators); never modify the model here. The core also runs
+    each adapter's call inside :func:`relax_plugins.projection.preserved_state`, so parameters,
+    buffers, train/eval modes and the torch, ``random`` and NumPy RNGs are restored whatever the
+    implementation does (``probe_forward`` still gives the eval mode and no-gradient probe).
 
     Called through the plugin manager once per adapter (each with its own ``options``), restricted
     to ``adapters=[...]`` when the user passes it; an exception aborts relax() (``AdapterError``
@@ -109,8 +112,9 @@ def relax_observe(
     Returns:
         A dict merged into the options that this adapter's ``relax_make_term`` calls of this
         relax() call receive (this is how per-call state reaches them: never keep it in the
-        adapter module), or None. A list under the key ``"probe_notes"`` is collected for the
-        error message shown when nothing is recognised.
+        adapter module), or None. A list or tuple of strings under the key ``"probe_notes"`` is
+        collected for the error message shown when nothing is recognised (anything else there, a
+        bare string included, is an ``AdapterError`` naming this adapter).
     """
 
 
@@ -121,7 +125,9 @@ def relax_wrapper_class(module: nn.Module) -> type | None:
     Only needed when containers check the type of their children (escnn's ``SequentialModule``
     requires ``EquivariantModule``s): the subclass mixes that base class in. Return None to use
     :class:`relax_plugins.RelaxedModule` itself. Asked only of the adapter whose term was chosen
-    for ``module`` (``pm.subset_hook_caller`` without the other plugins).
+    for ``module`` (``pm.subset_hook_caller`` without the other plugins). An exception aborts
+    relax() (``AdapterError`` naming this adapter and the hook, chained from it) before any layer is
+    replaced.
     """
 
 
@@ -129,7 +135,9 @@ def relax_wrapper_class(module: nn.Module) -> type | None:
 def relax_adapter_info() -> dict[str, str] | None:
     """Describe this adapter: ``{"description": ..., "layers": "o3.Linear, o3.TensorProduct, ..."}``.
 
-    Shown by :func:`relax_plugins.list_adapters` and ``relax-plugins list``.
+    Shown by :func:`relax_plugins.list_adapters` and ``relax-plugins list``. An exception, or
+    anything but a dict of strings, makes ``list_adapters()`` raise ``PluginLoadError`` naming this
+    adapter (and the hook), as an adapter that fails to import does.
     """
 
 
@@ -146,7 +154,8 @@ def relax_adapter_options() -> dict[str, Any] | None:
     ``adapter.key`` and the expected type) is refused, and ``relax_make_term``/``relax_observe``
     receive the user's values with the declared defaults filled in. An adapter that does not
     implement this hook accepts no options (``rank`` and ``init_std`` are relax() arguments and
-    always present).
+    always present). An exception, or an invalid declaration, is a ``PluginLoadError`` naming this
+    adapter (raised by relax() before anything changes, and by ``list_adapters()``).
 
     Each value is a :class:`relax_plugins.AdapterOption` (or a plain ``(type, default, doc)``
     tuple), where ``type`` is a type or a tuple of types checked with ``isinstance`` (``bool`` is

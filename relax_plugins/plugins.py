@@ -1,18 +1,28 @@
 """Adapter discovery: a lazily created pluggy manager fed from the ``relax_plugins.adapters``
-entry-point group (set ``RELAX_PLUGINS_DISABLE_AUTOLOAD=1`` to skip entry points)."""
+entry-point group (set ``RELAX_PLUGINS_DISABLE_AUTOLOAD=1`` to skip entry points; the variable is a
+boolean: ``1``/``true``/``yes``/``on`` skip them, ``0``/``false``/``no``/``off`` or empty load them).
+
+An adapter's hook that raises is reported with the adapter named, chained from the original
+exception: ``PluginLoadError`` (naming the hook too) for the declarations read when adapters are
+listed or options resolved (``relax_adapter_info``, ``relax_adapter_options``), ``AdapterError`` for
+the hooks of a relax() call (``relax_wrapper_class`` here; ``relax_observe`` and ``relax_make_term``
+raise :class:`AdapterFailure`, which relax() turns into an ``AdapterError`` naming the layer).
+"""
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
-from .errors import PluginLoadError, UnknownAdapterError
+from .errors import AdapterError, PluginLoadError, UnknownAdapterError
 from .options import AdapterOption, check_declaration
+from .projection import preserved_state
 
 __all__ = [
     "AdapterCalls",
@@ -43,8 +53,31 @@ class AdapterInfo:
     options: tuple[str, ...] = ()  # the adapter_options keys it declares (see declared_options)
 
 
+_TRUE_SPELLINGS = frozenset({"1", "true", "yes", "on"})
+_FALSE_SPELLINGS = frozenset({"", "0", "false", "no", "off"})
+
+
 def _autoload_disabled() -> bool:
-    return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    """Whether ``RELAX_PLUGINS_DISABLE_AUTOLOAD`` asks to skip entry points, read as a boolean.
+
+    Returns:
+        True for ``1``/``true``/``yes``/``on``, False for ``0``/``false``/``no``/``off``, an empty
+        value or an unset variable (case and surrounding spaces ignored).
+
+    Raises:
+        ValueError: any other value; guessing could load adapters the user meant to skip (or the
+            reverse), so a typo is refused rather than read either way.
+    """
+    raw = os.environ.get(DISABLE_AUTOLOAD_ENV, "")
+    value = raw.strip().lower()
+    if value in _TRUE_SPELLINGS:
+        return True
+    if value in _FALSE_SPELLINGS:
+        return False
+    raise ValueError(
+        f"{DISABLE_AUTOLOAD_ENV}={raw!r} is not a boolean: set it to 1, true, yes or on to skip the "
+        "relax_plugins.adapters entry points, or to 0, false, no, off (or leave it empty or unset) to load them"
+    )
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
@@ -153,9 +186,31 @@ def _answer(results: Any) -> Any:
     return results[0] if results else None
 
 
+def _declaration(hook: str, name: str) -> Any:
+    """What ``hook()`` (a declaration hook without arguments) of adapter ``name`` alone returns.
+
+    Raises:
+        PluginLoadError: the hook raised; the message names the adapter, its distribution and the
+            hook, so that one broken adapter is found rather than breaking every listing anonymously.
+    """
+    try:
+        return _answer(_only(get_plugin_manager(), hook, {name})())
+    except Exception as exc:
+        dist = _distributions.get(name, "?").strip("()")
+        raise PluginLoadError(
+            f"adapter {name!r} ({dist}): {hook}() raised {type(exc).__name__}: {exc}. "
+            f"Fix the adapter, unregister it (relax_plugins.unregister_adapter({name!r})) or uninstall its "
+            "distribution."
+        ) from exc
+
+
 def adapter_info(name: str) -> dict[str, str]:
-    """``relax_adapter_info()`` of one adapter, validated."""
-    info = _answer(_only(get_plugin_manager(), "relax_adapter_info", {name})()) or {}
+    """``relax_adapter_info()`` of one adapter, validated.
+
+    Raises:
+        PluginLoadError: the hook raised or returned something other than a dict of strings.
+    """
+    info = _declaration("relax_adapter_info", name) or {}
     if not isinstance(info, dict) or not all(isinstance(info.get(k, ""), str) for k in ("description", "layers")):
         raise PluginLoadError(f"adapter {name!r}: relax_adapter_info() must return a dict of strings "
                               f"{{'description': ..., 'layers': ...}}, got {info!r}")
@@ -165,6 +220,10 @@ def adapter_info(name: str) -> dict[str, str]:
 def declared_options(name: str) -> dict[str, AdapterOption]:
     """The options one adapter declares (hook ``relax_adapter_options``), validated.
 
+    Raises:
+        UnknownAdapterError: no adapter is loaded under ``name``.
+        PluginLoadError: the hook raised or returned an invalid declaration (naming the adapter).
+
     Example:
         >>> sorted(declared_options("toy")) if "toy" in adapter_names() else ["subgroup"]
         ['subgroup']
@@ -173,7 +232,7 @@ def declared_options(name: str) -> dict[str, AdapterOption]:
     if not pm.has_plugin(name):
         raise UnknownAdapterError(f"no adapter named {name!r}; loaded: {adapter_names()}")
     # asked of one plugin (a subset caller): the answer must be attributed to the adapter that gave it
-    declared = _answer(_only(pm, "relax_adapter_options", {name})())
+    declared = _declaration("relax_adapter_options", name)
     try:
         return check_declaration(name, declared)
     except (TypeError, ValueError) as exc:
@@ -182,6 +241,11 @@ def declared_options(name: str) -> dict[str, AdapterOption]:
 
 def list_adapters() -> list[AdapterInfo]:
     """Every loaded adapter with the distribution that provides it.
+
+    Raises:
+        PluginLoadError: an adapter failed to load, or its ``relax_adapter_info`` or
+            ``relax_adapter_options`` raised or returned something invalid; the message names it
+            (a broken adapter is an error, as when it fails to import, not a silently odd row).
 
     Example:
         >>> names = [a.name for a in list_adapters()]
@@ -250,12 +314,27 @@ class AdapterCalls:
 
     def observe(self, root: Any, example_inputs: tuple[tuple, dict], options: dict[str, dict[str, Any]]) -> list[str]:
         """Let every adapter in use observe the model; merge what each returns into its own options.
-        Returns the ``probe_notes`` lines."""
+
+        Each adapter's call runs inside :func:`relax_plugins.projection.preserved_state`: whatever the
+        adapter does (``root(...)`` in train mode instead of ``probe_forward``, ``root.eval()``, drawing
+        random numbers), the parameters and buffers, every module's train/eval mode and the torch,
+        ``random`` and NumPy RNGs are as before once it returns or raises (only tensors that changed
+        are written back, so version counters of the others are not bumped).
+
+        Returns:
+            The ``probe_notes`` lines.
+
+        Raises:
+            AdapterFailure: an adapter raised, returned something other than a dict or None, or
+                ``probe_notes`` other than a list or tuple of strings.
+        """
         notes: list[str] = []
         for adapter in self.order("relax_observe"):
             try:
-                extra = _answer(self.one("relax_observe", adapter)(
-                    root=root, example_inputs=example_inputs, options=options[adapter]))
+                # the core guarantees the probe changes nothing: adapters need not all use probe_forward
+                with preserved_state(root):
+                    extra = _answer(self.one("relax_observe", adapter)(
+                        root=root, example_inputs=example_inputs, options=options[adapter]))
             except Exception as exc:
                 raise AdapterFailure(adapter, "relax_observe", exc) from exc
             if not extra:
@@ -264,7 +343,13 @@ class AdapterCalls:
                 raise AdapterFailure(adapter, "relax_observe", TypeError(
                     f"relax_observe() must return a dict or None, got {type(extra).__name__}"))
             extra = dict(extra)
-            notes.extend(extra.pop("probe_notes", ()))
+            lines = extra.pop("probe_notes", ())
+            # a bare string would be split into one-character notes
+            if not isinstance(lines, (list, tuple)) or not all(isinstance(line, str) for line in lines):
+                raise AdapterFailure(adapter, "relax_observe", TypeError(
+                    "relax_observe() must return 'probe_notes' as a list or tuple of strings, got "
+                    f"{type(lines).__name__} {reprlib.repr(lines)}"))
+            notes.extend(lines)
             dict.update(options[adapter], extra)
         return notes
 
@@ -283,5 +368,16 @@ class AdapterCalls:
         return None
 
     def wrapper_class(self, module: Any, adapter: str) -> type | None:
-        """``relax_wrapper_class`` of the adapter that relaxed ``module`` (firstresult)."""
-        return self.one("relax_wrapper_class", adapter)(module=module)
+        """``relax_wrapper_class`` of the adapter that relaxed ``module`` (firstresult).
+
+        Raises:
+            AdapterError: the hook raised (the message names the adapter and the hook). Asked while
+                relax() builds the wrappers, before any layer is replaced: the model is unchanged.
+        """
+        try:
+            return self.one("relax_wrapper_class", adapter)(module=module)
+        except Exception as exc:
+            raise AdapterError(
+                f"adapter {adapter!r} failed in relax_wrapper_class for a {type(module).__name__} layer: "
+                f"{type(exc).__name__}: {exc}. The model was not changed."
+            ) from exc

@@ -208,3 +208,115 @@ def test_declarations_are_listed_and_checked():
     rp.register_adapter(BadDeclaration(), name="bad_declaration")
     with pytest.raises(rp.PluginLoadError, match="'bad_declaration'.*'rank'"):
         rp.relax(_model())
+
+
+class Raising:
+    """One hook raising RuntimeError('boom'); relaxes SO2Linear itself so that its wrapper class is asked."""
+
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+
+    @rp.hookimpl(tryfirst=True)
+    def relax_make_term(self, module, options):
+        from relax_toy import plugin as toy
+
+        return toy.relax_make_term(module=module, options=options) if isinstance(module, SO2Linear) else None
+
+    @rp.hookimpl
+    def relax_adapter_options(self):
+        self._maybe_raise("relax_adapter_options")
+        return None
+
+    @rp.hookimpl
+    def relax_adapter_info(self):
+        self._maybe_raise("relax_adapter_info")
+        return {"description": "raises in one hook", "layers": "SO2Linear"}
+
+    @rp.hookimpl
+    def relax_wrapper_class(self, module):
+        self._maybe_raise("relax_wrapper_class")
+        return None
+
+    def _maybe_raise(self, hook: str) -> None:
+        if hook == self.hook:
+            raise RuntimeError("boom")
+
+
+def _raises_naming(error, hook, call):
+    with pytest.raises(error, match=rf"adapter 'raising'.*{hook}.*RuntimeError: boom") as info:
+        call()
+    assert isinstance(info.value.__cause__, RuntimeError) and str(info.value.__cause__) == "boom"
+
+
+@pytest.mark.parametrize("hook", ["relax_adapter_options", "relax_adapter_info"])
+def test_declaration_hook_that_raises_is_a_load_error_naming_adapter_and_hook(hook):
+    rp.register_adapter(Raising(hook), name="raising")
+    _raises_naming(rp.PluginLoadError, hook, rp.list_adapters)  # one broken adapter is named, not anonymous
+    if hook == "relax_adapter_options":
+        model = _model()
+        _raises_naming(rp.PluginLoadError, hook, lambda: rp.relax(model))
+        assert not list(rp.relaxed_modules(model))
+        _raises_naming(rp.PluginLoadError, hook, lambda: declared_options("raising"))
+
+
+def test_wrapper_class_hook_that_raises_is_an_adapter_error_and_changes_nothing():
+    rp.register_adapter(Raising("relax_wrapper_class"), name="raising")
+    model = _model()
+    _raises_naming(rp.AdapterError, "relax_wrapper_class", lambda: rp.relax(model))
+    assert not list(rp.relaxed_modules(model))
+    assert [type(m).__name__ for m in model] == ["SO2Linear", "ReLU", "SO2Linear"]
+
+
+class Careless:
+    """relax_observe without probe_forward: runs the model in train mode, draws random numbers,
+    switches modes and writes into a parameter."""
+
+    def __init__(self, notes=("careless: looked",)) -> None:
+        self.notes = notes
+
+    @rp.hookimpl
+    def relax_observe(self, root, example_inputs):
+        import random
+
+        import numpy as np
+
+        args, kwargs = example_inputs
+        root(*args, **kwargs)  # BatchNorm updates its running statistics, dropout draws from the RNG
+        torch.rand(3), random.random(), np.random.rand()
+        root.eval()
+        with torch.no_grad():
+            root[1].weight.add_(1.0)
+        return {"probe_notes": self.notes}
+
+
+def test_core_restores_the_model_and_rngs_whatever_observe_does():
+    import random
+
+    import numpy as np
+
+    rp.register_adapter(Careless(), name="careless")
+    model = nn.Sequential(SO2Linear(1, 1), nn.BatchNorm1d(2), nn.Dropout(0.5)).train()
+    x = torch.randn(8, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    untouched = model[1].bias
+    version = untouched._version
+    rng, py_rng, np_rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    # without vn: its own probe (probe.preserved_state) writes every tensor back
+    rp.relax(model, example_inputs=x, include=["0"], adapters=["careless", "toy"])
+    assert isinstance(model[0], rp.RelaxedModule)
+    assert all(m.training for m in model.modules())
+    bn = model[1]
+    assert torch.equal(bn.running_mean, before["1.running_mean"]) and int(bn.num_batches_tracked) == 0
+    assert torch.equal(bn.weight, before["1.weight"]) and bn.bias is untouched
+    assert untouched._version == version  # unchanged tensors are not written back
+    assert torch.equal(torch.get_rng_state(), rng) and random.getstate() == py_rng
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), np_rng))
+
+
+@pytest.mark.parametrize("notes", ["abc", ["ok", 3], None])
+def test_observe_notes_must_be_a_list_of_strings(notes):
+    rp.register_adapter(Careless(notes), name="careless")
+    model = nn.Sequential(SO2Linear(1, 1), nn.BatchNorm1d(2))
+    with pytest.raises(rp.AdapterError, match=r"adapter 'careless'.*'probe_notes' as a list or tuple of strings"):
+        rp.relax(model, example_inputs=torch.randn(8, 2), adapters=["careless", "toy"])
+    assert not list(rp.relaxed_modules(model))

@@ -187,3 +187,20 @@ def test_setlinear_closed_form_matches_generic_projection():
     W = torch.randn(8, 8, dtype=torch.float64)
     generic = rp.LinearRelaxation.project_dense(term, W)  # Reynolds average over S_4
     assert torch.allclose(term.project_dense(W), generic, atol=1e-12)
+
+
+@pytest.mark.parametrize(("value", "disabled"), [
+    ("1", True), ("true", True), ("YES", True), (" on ", True),
+    ("0", False), ("false", False), ("No", False), ("off", False), ("OFF", False), ("", False),
+])
+def test_autoload_env_var_is_read_as_a_boolean(monkeypatch, value, disabled):
+    monkeypatch.setenv(rp.DISABLE_AUTOLOAD_ENV, value)
+    names = [a.name for a in rp.list_adapters()]
+    assert (names == []) is disabled and ("toy" in names) is not disabled
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "disable", "nope"])
+def test_autoload_env_var_that_is_not_a_boolean_is_refused(monkeypatch, value):
+    monkeypatch.setenv(rp.DISABLE_AUTOLOAD_ENV, value)
+    with pytest.raises(ValueError, match=rf"RELAX_PLUGINS_DISABLE_AUTOLOAD='{value}' is not a boolean.*1, true"):
+        rp.list_adapters()
