@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -88,9 +89,11 @@ def relax(
     Args:
         model: any ``nn.Module``.
         adapters: restrict to these adapter names (see :func:`list_adapters`); one name or a list.
-        include: only relax layers whose qualified name matches one of these fnmatch patterns (one
-            pattern as a string, or a list of patterns).
-        exclude: skip layers whose qualified name matches one of these patterns (string or list).
+        include: only relax layers whose qualified name matches one of these fnmatch patterns, or
+            that lie inside a module whose name matches (one pattern as a string, or a list of
+            patterns); a pattern that matches no module is an error (a typo).
+        exclude: skip layers whose qualified name matches one of these patterns, and everything inside
+            them (string or list); a pattern that matches nothing warns.
         rank: low-rank W of this rank, an int >= 1 (None: dense W).
         init_std: std of the entries of a random initial W (dense, or B·A with a random B when ``rank``
             is given), a finite number >= 0 (0 keeps outputs unchanged).
@@ -193,10 +196,14 @@ def _relax(model: nn.Module, adapters: Any, include: Any, exclude: Any, rank: An
     targets: list[tuple[list[str], nn.Module, str, RelaxationTerm]] = []
     target_of: dict[int, int] = {}
 
-    def visit(name: str, module: nn.Module) -> None:
+    matched: set[str] = set()  # the include/exclude patterns that matched some module's name
+
+    def visit(name: str, module: nn.Module, included: bool = False) -> None:
+        matched.update(p for p in (*(include or ()), *(exclude or ())) if fnmatch.fnmatchcase(name, p))
         if _matches(name, exclude):
             return
-        wanted = include is None or _matches(name, include)
+        # an included module brings everything inside it, as an excluded one takes it out
+        wanted = include is None or included or _matches(name, include)
         if wanted and id(module) in target_of:  # another use of a layer already chosen
             targets[target_of[id(module)]][0].append(name)
             return
@@ -222,9 +229,16 @@ def _relax(model: nn.Module, adapters: Any, include: Any, exclude: Any, rank: An
                 return
         for child_name, child in module._modules.items():  # not named_children(): it skips repeated uses
             if child is not None:
-                visit(f"{name}.{child_name}" if name else child_name, child)
+                visit(f"{name}.{child_name}" if name else child_name, child, wanted and include is not None)
 
     visit("", model)
+    unmatched = [p for p in (include or ()) if p not in matched]
+    if unmatched:  # most likely a typo: relaxing the rest silently would hide it
+        raise ValueError(f"include patterns {unmatched} match no module of {type(model).__name__} (names are "
+                         "qualified, as model.named_modules() gives them). The model was not changed.")
+    unmatched = [p for p in (exclude or ()) if p not in matched]
+    if unmatched:
+        warnings.warn(f"exclude patterns {unmatched} match no module of {type(model).__name__}", stacklevel=3)
     if not targets:
         raise NothingToRelaxError(
             f"no layer of {type(model).__name__} is recognised by the loaded adapters {adapter_names()}"
@@ -245,6 +259,13 @@ def _relax(model: nn.Module, adapters: Any, include: Any, exclude: Any, rank: An
                 "(tied weights), but include/exclude (or an enclosing relaxed layer) select only some of its "
                 "uses: relax all of them or none. The model was not changed."
             )
+    wide = [f"{used_at[0] or '<root>'} ({t.symmetry.dim_in} -> {t.symmetry.dim_out})" for used_at, _, _, t in targets
+            if getattr(t, "rank", None) is not None and hasattr(t, "symmetry")
+            and t.rank * (t.symmetry.dim_in + t.symmetry.dim_out) >= t.symmetry.dim_in * t.symmetry.dim_out]
+    if wide:
+        warnings.warn(f"rank={rank} gives layers {wide} at least as many relaxation parameters as a dense W "
+                      "(rank·(d_in + d_out) >= d_in·d_out): a lower rank, or rank=None, is cheaper there",
+                      stacklevel=3)
     if (penalty_samples is not None or exact) and not any(t.subsampled_penalty for *_, t in targets):
         raise ValueError("penalty_samples applies to layers whose terms declare subsampled_penalty (pointwise "
                          "layers: LinearRelaxation terms) and none of the recognised layers has one. The model "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -408,6 +410,29 @@ def test_include_exclude_patterns():
     assert [n for n, _ in rp.relaxed_modules(model)] == ["0"]
     model = rp.relax(so2_model(), include=["2"])
     assert [n for n, _ in rp.relaxed_modules(model)] == ["2"]
+
+
+def test_include_brings_a_containers_layers_and_a_pattern_matching_nothing_is_refused():
+    nested = nn.Sequential(so2_model(), so2_model())
+    # a container named by include brings its layers, as exclude takes them out
+    assert [n for n, _ in rp.relaxed_modules(rp.relax(copy.deepcopy(nested), include=["1"]))] == ["1.0", "1.2"]
+    assert [n for n, _ in rp.relaxed_modules(rp.relax(copy.deepcopy(nested), exclude=["1"]))] == ["0.0", "0.2"]
+    before = copy.deepcopy(nested)
+    with pytest.raises(ValueError, match=r"\['typo'\] match no module"):
+        rp.relax(nested, include=["1", "typo"])
+    assert repr(nested) == repr(before)  # nothing changed
+    with pytest.warns(UserWarning, match=r"exclude patterns \['typo'\]"):
+        rp.relax(nested, exclude=["typo"])
+
+
+def test_a_rank_that_saves_nothing_warns():
+    from relax_toy.layers import SO2Linear
+
+    with pytest.warns(UserWarning, match=r"rank=4 .*'0 \(4 -> 4\)'"):
+        rp.relax(nn.Sequential(SO2Linear(2, 2)), rank=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rp.relax(nn.Sequential(SO2Linear(16, 16)), rank=4)  # 4·64 < 32·32: cheaper, no warning
 
 
 def test_per_layer_theta():

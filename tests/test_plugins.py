@@ -204,3 +204,24 @@ def test_autoload_env_var_that_is_not_a_boolean_is_refused(monkeypatch, value):
     monkeypatch.setenv(rp.DISABLE_AUTOLOAD_ENV, value)
     with pytest.raises(ValueError, match=rf"RELAX_PLUGINS_DISABLE_AUTOLOAD='{value}' is not a boolean.*1, true"):
         rp.list_adapters()
+
+
+@pytest.mark.parametrize("bad, error", [(1, ValueError), (0, ValueError), ("5", TypeError), (True, TypeError)])
+def test_setlinear_set_size_is_validated_and_a_wrong_size_is_caught_at_forward(bad, error):
+    from setlinear_adapter import SetLinear
+
+    model = nn.Sequential(SetLinear(2, 3))
+    with pytest.raises(error, match="set_size"):
+        rp.relax(model, adapter_options={"setlinear": {"set_size": bad}})
+    assert not any(True for _ in rp.relaxed_modules(model))
+    rp.relax(model, adapter_options={"setlinear": {"set_size": 4}})
+    with pytest.raises(ValueError, match="4 set elements"):
+        model(torch.randn(6, 2, 5))  # a 5-element set against set_size=4 would scramble the fibres
+
+
+@pytest.mark.parametrize("bad, error", [(-3, ValueError), (0, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_toy_subgroup_order_is_validated(bad, error):
+    from relax_toy.layers import SO2Linear
+
+    with pytest.raises(error, match="subgroup"):
+        rp.relax(nn.Sequential(SO2Linear(1, 1)), adapter_options={"toy": {"subgroup": bad}})

@@ -74,7 +74,15 @@ def relax_make_term(module: nn.Module, options: dict) -> LinearRelaxation | None
 @hookimpl
 def relax_adapter_options() -> dict[str, AdapterOption]:
     """The options of ``relax(model, adapter_options={"toy": {...}})``."""
-    return {"subgroup": AdapterOption(int, None, "k: relax only down to the cyclic subgroup C_k")}
+    return {"subgroup": AdapterOption(_order, None, "k >= 1: relax only down to the cyclic subgroup C_k")}
+
+
+def _order(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"subgroup must be an int k >= 1 (the order of a cyclic group C_k), got "
+                        f"{type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"subgroup must be an int k >= 1 (the order of a cyclic group C_k), got {value!r}")
 
 
 @hookimpl

@@ -36,6 +36,10 @@ class SetRelaxation(rp.LinearRelaxation):
         self.n = n
 
     def to_fibre(self, x: Tensor) -> Tensor:
+        c_in = self.symmetry.dim_in // self.n
+        if tuple(x.shape[-2:]) != (c_in, self.n):  # a wrong set_size would scramble the fibres silently
+            raise ValueError(f"SetLinear input must end in ({c_in} channels, {self.n} set elements) as set_size="
+                             f"{self.n} declares, got shape {tuple(x.shape)}")
         return x.reshape(-1, self.symmetry.dim_in)
 
     def _coefficients(self, W: Tensor) -> tuple[Tensor, Tensor]:
@@ -63,7 +67,15 @@ class SetRelaxation(rp.LinearRelaxation):
 @rp.hookimpl
 def relax_adapter_options() -> dict[str, rp.AdapterOption]:
     # what users may pass as relax(model, adapter_options={"setlinear": {...}}); checked by the core
-    return {"set_size": rp.AdapterOption(int, None, "number n of set elements (required)")}
+    return {"set_size": rp.AdapterOption(_set_size, None, "number n >= 2 of set elements (required)")}
+
+
+def _set_size(value: object) -> None:
+    # S_1 is trivial: a set of one element has nothing to permute (and no transposition)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"set_size must be an int >= 2, got {type(value).__name__} {value!r}")
+    if value < 2:
+        raise ValueError(f"set_size must be an int >= 2, got {value!r}")
 
 
 @rp.hookimpl
