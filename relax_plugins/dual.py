@@ -93,8 +93,15 @@ class DualAscentTheta:
         """Current λ_i per layer (η times the accumulated γ_i)."""
         return dict(self.lambdas)
 
+    def _require_learning(self, what: str) -> None:
+        done = [name or "<root>" for name, layer in self.layers if not isinstance(layer.theta, nn.Parameter)]
+        if done:
+            raise NotRelaxedError(f"DualAscentTheta.{what}() after finish(): θ of layer(s) {done} is a fixed "
+                                  "buffer again, nothing is learned any more")
+
     def penalty(self) -> Tensor:
         """Σ_i λ_i (γ_i − u_i) + (ρ/2)·Σ_i γ_i²: add it to the loss every step (λ, u are constants here)."""
+        self._require_learning("penalty")
         terms = [layer.theta * self.lambdas[name] + 0.5 * self.augmented * layer.theta.square()
                  for name, layer in self.layers]
         return torch.stack(terms).sum() - sum(self.lambdas[n] * self.slacks[n] for n, _ in self.layers)
@@ -102,6 +109,7 @@ class DualAscentTheta:
     @torch.no_grad()
     def step(self) -> None:
         """After ``optimizer.step()``: the dual (and, resilient, slack) updates."""
+        self._require_learning("step")
         bad = [name or "<root>" for name, layer in self.layers if not bool(torch.isfinite(layer.theta).all())]
         if bad:
             raise NonFiniteError(f"γ (= θ) of layer(s) {bad} is NaN/inf after the optimiser step: lower the "
@@ -126,10 +134,7 @@ class DualAscentTheta:
             NotRelaxedError: ``finish()`` already ran (θ is a fixed buffer again in some layer).
         """
         # check every layer first: a second call must not half-convert, nor fail with a bare KeyError
-        done = [name or "<root>" for name, layer in self.layers if not isinstance(layer.theta, nn.Parameter)]
-        if done:
-            raise NotRelaxedError(f"DualAscentTheta.finish() was already called: θ of layer(s) {done} is a fixed "
-                                  "buffer again, nothing left to finish")
+        self._require_learning("finish")
         for _, layer in self.layers:
             value = layer.theta.detach().clone()
             if not self.resilient:

@@ -101,8 +101,11 @@ def test_finish_twice_raises_not_relaxed_and_changes_nothing(resilient):
         warnings.simplefilter("ignore")  # the resilient run's "approximately equivariant" warning
         dual.finish()
     theta = rp.get_theta(model)
-    with pytest.raises(rp.NotRelaxedError, match=r"already called.*\['0', '2'\]"):
+    with pytest.raises(rp.NotRelaxedError, match=r"finish\(\) after finish\(\).*\['0', '2'\]"):
         dual.finish()
+    for late in (dual.step, dual.penalty):  # nothing is learned any more
+        with pytest.raises(rp.NotRelaxedError, match="after finish"):
+            late()
     assert rp.get_theta(model) == theta and "0.theta" in dict(model.named_buffers())
     rp.project(model)
 
