@@ -124,15 +124,20 @@ def test_report_lightning_checkpoint_is_not_called_projected(tmp_path, capsys):
 
 
 # -- escnn: empty batches and autocast ---------------------------------------------------------
-@pytest.fixture
-def escnn_model():
+def _escnn_model(**options):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         escnn = pytest.importorskip("escnn")
     gs = escnn.gspaces.rot2dOnR2(4)
     t = escnn.nn.FieldType(gs, [gs.regular_repr])
-    model = rp.relax(escnn.nn.SequentialModule(escnn.nn.R2Conv(t, t, 3, padding=1)))
+    model = rp.relax(escnn.nn.SequentialModule(escnn.nn.R2Conv(t, t, 3, padding=1)),
+                     adapter_options={"escnn": options} if options else None)
     return model, t
+
+
+@pytest.fixture
+def escnn_model():
+    return _escnn_model()
 
 
 def test_escnn_penalty_before_any_forward(escnn_model):
@@ -210,13 +215,7 @@ def test_penalty_after_a_forward_under_inference_mode(rows):
 
 
 def test_escnn_exact_norm_penalty_after_a_forward_under_inference_mode():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        escnn = pytest.importorskip("escnn")
-    gs = escnn.gspaces.rot2dOnR2(4)
-    t = escnn.nn.FieldType(gs, [gs.regular_repr])
-    model = rp.relax(escnn.nn.SequentialModule(escnn.nn.R2Conv(t, t, 3, padding=1)),
-                     adapter_options={"escnn": {"escnn_activation_norm": "exact"}})
+    model, t = _escnn_model(escnn_activation_norm="exact")
     with torch.no_grad():
         model[0].term.weight.normal_()
     with torch.inference_mode():
