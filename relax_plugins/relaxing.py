@@ -196,10 +196,7 @@ def _relax(model: nn.Module, adapters: Any, include: Any, exclude: Any, rank: An
     targets: list[tuple[list[str], nn.Module, str, RelaxationTerm]] = []
     target_of: dict[int, int] = {}
 
-    matched: set[str] = set()  # the include/exclude patterns that matched some module's name
-
     def visit(name: str, module: nn.Module, included: bool = False) -> None:
-        matched.update(p for p in (*(include or ()), *(exclude or ())) if fnmatch.fnmatchcase(name, p))
         if _matches(name, exclude):
             return
         # an included module brings everything inside it, as an excluded one takes it out
@@ -232,11 +229,13 @@ def _relax(model: nn.Module, adapters: Any, include: Any, exclude: Any, rank: An
                 visit(f"{name}.{child_name}" if name else child_name, child, wanted and include is not None)
 
     visit("", model)
-    unmatched = [p for p in (include or ()) if p not in matched]
+    # patterns checked against every module name (also those inside a layer that was taken whole)
+    names = [n for names_of in uses.values() for n in names_of]
+    unmatched = [p for p in (include or ()) if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:  # most likely a typo: relaxing the rest silently would hide it
         raise ValueError(f"include patterns {unmatched} match no module of {type(model).__name__} (names are "
                          "qualified, as model.named_modules() gives them). The model was not changed.")
-    unmatched = [p for p in (exclude or ()) if p not in matched]
+    unmatched = [p for p in (exclude or ()) if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
         warnings.warn(f"exclude patterns {unmatched} match no module of {type(model).__name__}", stacklevel=3)
     if not targets:

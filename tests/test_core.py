@@ -425,6 +425,14 @@ def test_include_brings_a_containers_layers_and_a_pattern_matching_nothing_is_re
         rp.relax(nested, exclude=["typo"])
 
 
+def test_include_pattern_matching_only_inside_a_relaxed_layer_is_not_a_typo():
+    o3 = pytest.importorskip("e3nn.o3")
+    model = nn.Sequential(o3.Linear("2x0e + 1x1o", "2x0e + 1x1o"))
+    assert any(n.startswith("0.") for n, _ in model.named_modules())  # e3nn's compiled submodule
+    rp.relax(model, include=["0", "0.*"])  # "0" is taken whole; "0.*" names its insides, not a typo
+    assert [n for n, _ in rp.relaxed_modules(model)] == ["0"]
+
+
 def test_a_rank_that_saves_nothing_warns():
     from relax_toy.layers import SO2Linear
 
