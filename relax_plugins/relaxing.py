@@ -185,7 +185,8 @@ def _relax(model: nn.Module, adapters: Any, include: Any, exclude: Any, rank: An
             notes = calls.observe(model, call, options)
         except AdapterFailure as failure:
             raise AdapterError(
-                f"relax() could not observe the model on example_inputs (adapter {failure.adapter!r}): "
+                f"relax() could not observe the model on example_inputs (adapter {failure.adapter!r}, "
+                "relax_observe): "
                 f"{type(failure.exc).__name__}: {failure.exc}. The model was not changed."
             ) from failure.exc
 
@@ -210,7 +211,8 @@ def _relax(model: nn.Module, adapters: Any, include: Any, exclude: Any, rank: An
             except AdapterFailure as failure:
                 raise AdapterError(
                     f"relax() failed on layer {name or '<root>'!r} ({type(module).__name__}) in adapter "
-                    f"{failure.adapter!r}: {type(failure.exc).__name__}: {failure.exc}. The model was not changed."
+                    f"{failure.adapter!r} (relax_make_term): {type(failure.exc).__name__}: {failure.exc}. "
+                    "The model was not changed."
                 ) from failure.exc
             if found is not None:
                 adapter, term = found
