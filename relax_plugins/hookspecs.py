@@ -96,7 +96,7 @@ def relax_observe(
     copies of the inputs). Run the model through :func:`relax_plugins.probe.probe_forward`, which
     leaves its state exactly as it was (train/eval flags, parameters, buffers such as BatchNorm
     running statistics, random number generators); never modify the model here. The core also runs
-    each adapter's call inside :func:`relax_plugins.projection.preserved_state`, so parameters,
+    each adapter's call inside :func:`relax_plugins.probe.kept_state`, so parameters,
     buffers, train/eval modes and the torch, ``random`` and NumPy RNGs are restored whatever the
     implementation does (``probe_forward`` still gives the eval mode and no-gradient probe).
 

@@ -20,7 +20,7 @@ except ImportError:  # the standalone distribution
 from ._checks import check_bool, check_choice
 from .api import check_penalty_args, projected_state_dict, relaxed_modules
 from .schedules import Schedule, as_schedule
-from .training import RelaxedTraining
+from .training import OPTIONAL_STATE_KEYS, STATE_KEYS, RelaxedTraining
 
 __all__ = ["RelaxationCallback"]
 
@@ -152,9 +152,9 @@ class RelaxationCallback(pl.Callback):
         return self.run.state_dict() if self.run is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        keys = {"position", "history", "schedule"}
-        if not isinstance(state_dict, dict) or (state_dict and set(state_dict) - {"penalty_calls", "random_states"}
-                                                 != keys):
+        # a RelaxedTraining state without a learned policy (the callback runs schedules only)
+        optional = OPTIONAL_STATE_KEYS - {"policy"}
+        if not isinstance(state_dict, dict) or (state_dict and set(state_dict) - optional != STATE_KEYS):
             got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(f"not a RelaxationCallback state: expected keys ['history', 'position', 'schedule'], "
                              f"got {got}")

@@ -73,8 +73,8 @@ class LinearRelaxation(RelaxationTerm):
             self.lora_a = nn.Parameter(torch.randn(rank, d_in) / math.sqrt(d_in))
             # B = 0 keeps the outputs (LoRA); with init_std, W = B·A gets entries of that std:
             # Var(W_ij) = rank · Var(B) / d_in
-            b = torch.randn(d_out, rank) * (init_std * math.sqrt(d_in / rank)) if init_std > 0 else None
-            self.lora_b = nn.Parameter(torch.zeros(d_out, rank) if b is None else b)
+            std_b = init_std * math.sqrt(d_in / rank)
+            self.lora_b = nn.Parameter(torch.randn(d_out, rank) * std_b if init_std > 0 else torch.zeros(d_out, rank))
         self._x: Tensor | None = None
         self._y: Tensor | None = None
         #: m: estimate the Lie/discrete defect from m generators drawn per step (see moment_penalties)

@@ -83,17 +83,15 @@ def moment_sums(terms: list[LinearRelaxation], inputs: list[tuple[Tensor, int]])
         B = torch.stack([f[1] for f in factored])  # (L, d_out, r)
         with torch.no_grad():
             S = torch.stack([x.T @ x for x, _ in inputs])
-        G_in, G_out, scale = _stacked_generators(terms, A.dtype)
+        G_in, G_out, _, scale = _stacked_generators(terms, A.dtype)
         lie, norm = low_rank_moments(A, B, G_in, G_out, S)
         if scale != 1.0:
             lie = lie * scale
         return lie, norm
     W = torch.stack([t.dense() for t in terms])  # (L, d_out, d_in)
     L, d_out, d_in = W.shape
-    G_in, G_out, scale = _stacked_generators(terms, W.dtype)
-    k = G_in.shape[1]
-    # generators laid out for plain (un-broadcast) bmm: broadcasting small batched matmuls was 5x slower
-    G_in = _cached_stack(terms, W.dtype)[2] if scale == 1.0 else G_in.permute(0, 2, 1, 3).reshape(L, d_in, k * d_in)
+    _, G_out, G_in, scale = _stacked_generators(terms, W.dtype)  # G_in laid out (L, d_in, K·d_in)
+    k = G_out.shape[1]
     G_out = G_out.reshape(L, k * d_out, d_out)
     with torch.no_grad():
         S = torch.stack([x.T @ x for x, _ in inputs])  # (L, d_in, d_in): detached, trains W only
@@ -114,15 +112,22 @@ _STACK_CACHE: dict[tuple, tuple[list[weakref.ref], Tensor, Tensor, Tensor]] = {}
 _STACK_CACHE_SIZE = 16
 
 
-def _stacked_generators(terms: list[LinearRelaxation], dtype: torch.dtype) -> tuple[Tensor, Tensor, float]:
+def _stacked_generators(terms: list[LinearRelaxation], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, float]:
     """(L, K, d_in, d_in) and (L, K, d_out, d_out): every layer's generators (Lie, then finite), or
-    the m drawn this step (``penalty_generators``), and the factor K/m that makes their sum unbiased."""
-    G_in, G_out, _ = _cached_stack(terms, dtype)
+    the m drawn this step (``penalty_generators``); the input ones also laid out (L, d_in, K·d_in)
+    for the dense path; and the factor K/m that makes their sum unbiased."""
+    G_in, G_out, G_in_flat = _cached_stack(terms, dtype)
     idx = terms[0].sample_generators(G_in.shape[1])
     if idx is None:
-        return G_in, G_out, 1.0
+        return G_in, G_out, G_in_flat, 1.0
     idx = idx.to(G_in.device)
-    return G_in[:, idx], G_out[:, idx], G_in.shape[1] / idx.numel()
+    return G_in[:, idx], G_out[:, idx], _flat(G_in[:, idx]), G_in.shape[1] / idx.numel()
+
+
+def _flat(G_in: Tensor) -> Tensor:
+    # laid out for plain (un-broadcast) bmm: broadcasting small batched matmuls was 5x slower
+    L, K, d_in, _ = G_in.shape
+    return G_in.permute(0, 2, 1, 3).reshape(L, d_in, K * d_in)
 
 
 def _cached_stack(terms: list[LinearRelaxation], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -133,9 +138,7 @@ def _cached_stack(terms: list[LinearRelaxation], dtype: torch.dtype) -> tuple[Te
     if hit is not None and all(r() is g for r, g in zip(hit[0], (g for pair in gens for g in pair))):
         return hit[1], hit[2], hit[3]
     G_in, G_out = torch.stack([g[0] for g in gens]), torch.stack([g[1] for g in gens])
-    L, K, d_in, _ = G_in.shape
-    # laid out for plain (un-broadcast) bmm: broadcasting small batched matmuls was 5x slower
-    G_in_flat = G_in.permute(0, 2, 1, 3).reshape(L, d_in, K * d_in)
+    G_in_flat = _flat(G_in)
     _STACK_CACHE.pop(key, None)
     while len(_STACK_CACHE) >= _STACK_CACHE_SIZE:
         del _STACK_CACHE[next(iter(_STACK_CACHE))]

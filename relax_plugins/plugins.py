@@ -22,7 +22,7 @@ import pluggy
 from . import hookspecs
 from .errors import AdapterError, PluginLoadError, UnknownAdapterError
 from .options import AdapterOption, check_declaration
-from .projection import preserved_state
+from .probe import kept_state
 
 __all__ = [
     "AdapterCalls",
@@ -315,7 +315,7 @@ class AdapterCalls:
     def observe(self, root: Any, example_inputs: tuple[tuple, dict], options: dict[str, dict[str, Any]]) -> list[str]:
         """Let every adapter in use observe the model; merge what each returns into its own options.
 
-        Each adapter's call runs inside :func:`relax_plugins.projection.preserved_state`: whatever the
+        Each adapter's call runs inside :func:`relax_plugins.probe.kept_state`: whatever the
         adapter does (``root(...)`` in train mode instead of ``probe_forward``, ``root.eval()``, drawing
         random numbers), the parameters and buffers, every module's train/eval mode and the torch,
         ``random`` and NumPy RNGs are as before once it returns or raises (only tensors that changed
@@ -332,7 +332,7 @@ class AdapterCalls:
         for adapter in self.order("relax_observe"):
             try:
                 # the core guarantees the probe changes nothing: adapters need not all use probe_forward
-                with preserved_state(root):
+                with kept_state(root):
                     extra = _answer(self.one("relax_observe", adapter)(
                         root=root, example_inputs=example_inputs, options=options[adapter]))
             except Exception as exc:

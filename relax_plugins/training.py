@@ -29,6 +29,11 @@ __all__ = ["RelaxedTraining", "DEFAULT_PENALTY_EVERY"]
 #: evidence, the relaxation arm with the lowest validation MSE there (``docs/evidence.md``)
 DEFAULT_PENALTY_EVERY = 4
 
+#: the keys of :meth:`RelaxedTraining.state_dict`: always, and when they apply (``policy``: a learned
+#: θ policy; ``random_states``: terms drawing generators per step)
+STATE_KEYS = frozenset({"position", "history", "schedule"})
+OPTIONAL_STATE_KEYS = frozenset({"penalty_calls", "policy", "random_states"})
+
 
 class RelaxedTraining:
     """Drives one relaxed model through training.
@@ -297,8 +302,7 @@ class RelaxedTraining:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; a state of another run (other keys, schedule or position past the
         end) raises before anything changes."""
-        required, optional = {"position", "history", "schedule"}, {"penalty_calls", "policy", "random_states"}
-        if not isinstance(state, dict) or set(state) - optional != required:
+        if not isinstance(state, dict) or set(state) - OPTIONAL_STATE_KEYS != STATE_KEYS:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"not a RelaxedTraining state: expected keys ['history', 'position', 'schedule'], "
                              f"got {got}")
