@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 
-__all__ = ["EGNNLayer", "EGNN", "nbody_graph"]
+__all__ = ["EGNNLayer", "EGNN", "EGNNSystems", "nbody_graph"]
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int, final_act: bool = True) -> nn.Sequential:
@@ -126,3 +126,29 @@ class EGNN(nn.Module):
         for layer in self.layers:
             h, x = layer(h, x, vel, edge_index, edge_attr, batch)
         return x
+
+
+class EGNNSystems(nn.Module):
+    """:class:`EGNN` on batches of systems ((B, n, 3) positions and velocities, (B, n, 1) charges), the
+    N-body runner's interface (as :class:`examples.nbody.model.SEGNN`): each system is one fully
+    connected graph, built here.
+
+    Example:
+        >>> import torch
+        >>> EGNNSystems(hidden=8, layers=2)(torch.randn(2, 5, 3), torch.randn(2, 5, 3), torch.ones(2, 5, 1)).shape
+        torch.Size([2, 5, 3])
+    """
+
+    def __init__(self, hidden: int = 64, layers: int = 4) -> None:
+        super().__init__()
+        self.egnn = EGNN(hidden=hidden, layers=layers)
+        self._graphs: dict[tuple, tuple[Tensor, Tensor]] = {}  # (B, n, device) → graph: rebuilt per step otherwise
+
+    def forward(self, loc: Tensor, vel: Tensor, charges: Tensor) -> Tensor:
+        B, n, _ = loc.shape
+        key = (B, n, loc.device)
+        if key not in self._graphs:
+            self._graphs[key] = nbody_graph(B, n, device=loc.device)
+        batch, edges = self._graphs[key]
+        out = self.egnn(loc.reshape(B * n, 3), vel.reshape(B * n, 3), charges.reshape(B * n, 1), edges, batch)
+        return out.reshape(B, n, 3)

@@ -1,4 +1,5 @@
-"""Standard vs relaxed training of a SEGNN-style e3nn model on charged 5-body N-body data.
+"""Standard vs relaxed training of a SEGNN-style e3nn model (or, ``--model egnn``, the torch-geometric
+EGNN of :mod:`examples.egnn`) on charged 5-body N-body data.
 
 One command trains every arm on the same data, from the same initial weights, with the same
 batches and rotations and the same number of optimiser steps, for several seeds::
@@ -134,6 +135,10 @@ class Config:
     evidence: str | None = None  # also write the evidence record (see `evidence_record`) to this path
     preset: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
+    # "segnn" (e3nn, relaxed by the e3nn adapter) or "egnn" (examples.egnn.model.EGNNSystems, relaxed by
+    # the pyg adapter, ``egnn_hidden`` channels; ``hidden`` is then unused)
+    model: str = "segnn"
+    egnn_hidden: int = 64
 
 
 def arm_spec(arm: str, cfg: Config) -> dict[str, Any]:
@@ -220,10 +225,27 @@ def load_splits(cfg: Config, device: torch.device) -> dict[str, dict[str, torch.
 
 
 def build_model(cfg: Config, seed: int, device: torch.device) -> torch.nn.Module:
+    """The configured model (``cfg.model``) with seed ``seed``'s initial weights."""
+    torch.manual_seed(seed)
+    if cfg.model == "egnn":
+        from examples.egnn.model import EGNNSystems
+
+        return EGNNSystems(hidden=cfg.egnn_hidden, layers=cfg.layers).to(device)
+    if cfg.model != "segnn":
+        raise ValueError(f"model must be 'segnn' or 'egnn', got {cfg.model!r}")
     from .model import SEGNN
 
-    torch.manual_seed(seed)
     return SEGNN(cfg.hidden, layers=cfg.layers).to(device)
+
+
+def adapters_of(cfg: Config) -> list[str]:
+    """The adapter that relaxes the configured model.
+
+    Example:
+        >>> adapters_of(Config()), adapters_of(Config(model="egnn"))
+        (['e3nn'], ['pyg'])
+    """
+    return ["pyg"] if cfg.model == "egnn" else ["e3nn"]
 
 
 @torch.no_grad()
@@ -379,7 +401,7 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
     policy: Any = None
     sched: Any = None
     if relaxed:
-        rp.relax(model, adapters=["e3nn"], rank=spec["rank"], init_std=cfg.init_std)
+        rp.relax(model, adapters=adapters_of(cfg), rank=spec["rank"], init_std=cfg.init_std)
         if spec["dual"]:
             policy = _theta_policy(model, spec["dual"], cfg)
         elif spec["schedule"] == "matched":
@@ -515,7 +537,7 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*cannot hold.*")
             final_model = rp.project(model, merge=spec["merge"])
-        assert type(final_model).__name__ == "SEGNN"
+        assert type(final_model) is type(plain)
     return {
         "arm": arm,
         "seed": seed,
@@ -555,7 +577,7 @@ def step_time_ratio(cfg: Config, steps: int) -> dict[str, float]:
     tr = {k: v.to(device) for k, v in load_nbody("train", n=min(cfg.n_train, 500), seed=cfg.data_seed,
                                                   cache_dir=cfg.cache_dir).items()}
     std = build_model(cfg, 0, device)
-    rel = rp.relax(copy.deepcopy(std), adapters=["e3nn"], rank=cfg.rank)
+    rel = rp.relax(copy.deepcopy(std), adapters=adapters_of(cfg), rank=cfg.rank)
     rp.set_theta(rel, 0.5)
     models = {"standard": std, "relaxed": rel}
     opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
@@ -592,7 +614,7 @@ def inference_check(cfg: Config) -> dict[str, float]:
     d = {k: v[:8].double().to(device) for k, v in load_nbody("valid", n=8, seed=cfg.data_seed,
                                                              cache_dir=cfg.cache_dir).items()}
     ref = build_model(cfg, 1, device).double()
-    rel = rp.relax(copy.deepcopy(ref), adapters=["e3nn"], init_std=1e-2)
+    rel = rp.relax(copy.deepcopy(ref), adapters=adapters_of(cfg), init_std=1e-2)
     rp.set_theta(rel, 0.0)  # end of the schedule
     exported = rp.project(rel, merge=False)
     fresh = build_model(cfg, 2, device).double()
@@ -940,7 +962,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
                       ("dual-lr", float), ("slack-cost", float), ("slack-lr", float),
                       ("checkpoint-every", int), ("theta-trace-every", int), ("peak-at", float),
                       ("init-std", float), ("w-lr", float), ("penalty-every", int),
-                      ("evidence", str)):
+                      ("evidence", str), ("egnn-hidden", int)):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ALL_ARMS)}")
     p.add_argument("--ablation", action="store_true",
@@ -948,6 +970,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--report-only", action="store_true",
                    help="no training: rebuild results.json/png from the per-run files in OUT/runs/")
     p.add_argument("--penalty-form", choices=["sqrt", "mean", "paper"], default=None)
+    p.add_argument("--model", choices=["segnn", "egnn"], default=None,
+                   help="segnn (default; e3nn) or egnn (torch-geometric, --egnn-hidden channels)")
     p.add_argument("--lr-schedule", choices=["cosine", "none"], default=None)
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--no-merge", action="store_true",
