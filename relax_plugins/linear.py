@@ -146,7 +146,13 @@ class LinearRelaxation(RelaxationTerm):
     def _recorded(self) -> Tensor:
         if self._x is None:
             raise RuntimeError("no forward pass recorded yet: run the model on a batch before penalty()")
-        return self._x
+        # a forward under torch.autocast records bfloat16/float16 inputs of a float32 W: penalties and
+        # reports, also computed outside autocast, read them in W's dtype
+        x, dtype = self._x, self._weight_dtype()
+        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+
+    def _weight_dtype(self) -> torch.dtype:
+        return (self.weight if self.rank is None else self.lora_a).dtype
 
     def penalty_input(self) -> tuple[Tensor, int]:
         """The recorded fibre inputs the penalty is computed on, and how many samples they stand for.
@@ -191,7 +197,7 @@ class LinearRelaxation(RelaxationTerm):
         if self.sample_rows(self._x).shape[0] <= self.symmetry.dim_in:
             return None
         sym = self.symmetry
-        key = (sym.dim_in, sym.dim_out, sym.num_lie + sym.num_group, self._x.dtype, self._x.device)
+        key = (sym.dim_in, sym.dim_out, sym.num_lie + sym.num_group, self._weight_dtype(), self._x.device)
         # low-rank layers are computed through their factors, so they group by rank
         key = key if self.factors() is None else (*key, self.rank)
         return key if self.penalty_generators is None else (*key, "generators", self.penalty_generators)
@@ -269,7 +275,7 @@ class LinearRelaxation(RelaxationTerm):
                 "rel_weight_error": float((W - P).norm() / W.norm().clamp_min(1e-30)),
             }
             if self._x is not None and self._y is not None:
-                x = self._x
+                x = self._recorded()
                 y_norm = self._y.norm().clamp_min(1e-30)
                 out["relax_ratio"] = float(th * (x @ W.T).norm() / y_norm)
                 # what project(merge=True) changes: θ(W − P(W))x, or all of θWx where nothing merges

@@ -149,6 +149,7 @@ def _penalty_groups(layers: list[tuple[str, RelaxedModule]]) -> list[PenaltyGrou
                              "forward pass yet: run the model on a batch before penalty()")
         if not torch.is_inference_mode_enabled():
             _leave_inference(term, recorded)
+        _check_not_escaped(recorded, name, layer)
         # the declared capability decides; batchable_penalty() may still decline for this batch
         key = term.batchable_penalty() if term.batched_penalty else None
         if key is None:
@@ -170,6 +171,22 @@ def _leave_inference(term: Any, recorded: dict[str, Any]) -> None:
     for key, value in recorded.items():
         if isinstance(value, Tensor) and value.is_inference():
             term.__dict__[key] = value.clone()
+
+
+def _check_not_escaped(recorded: dict[str, Any], name: str, layer: RelaxedModule) -> None:
+    """A forward under a torch.func transform (vmap, grad, jacrev) records the transform's wrapped tensors;
+    outside that transform they are dead, and functorch's own error would not say why."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is None or not hasattr(functorch, "is_functorch_wrapped_tensor"):
+        return
+    if functorch.peek_interpreter_stack() is not None:  # inside a transform: its tensors are alive
+        return
+    if any(isinstance(v, Tensor) and functorch.is_functorch_wrapped_tensor(v) for v in recorded.values()):
+        raise RelaxError(
+            f"penalty: layer {name or '<root>'!r} ({type(layer.base).__name__}) last ran inside a torch.func "
+            "transform (vmap/grad/jacrev), whose tensors cannot be used outside it: compute the penalty inside "
+            "the same transform, or run a plain forward pass before penalty()"
+        )
 
 
 def _per_layer(groups: list[PenaltyGroup]) -> list[tuple[str, PenaltyTerms]]:

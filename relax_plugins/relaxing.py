@@ -30,6 +30,14 @@ def _module_placement(module: nn.Module, name: str) -> tuple[torch.dtype, torch.
     tensors = _floating_tensors(module)
     if not tensors:
         return None
+    if any(t.device.type == "meta" for t in tensors):
+        # the term's generators are computed constants, not loadable state: on meta they would have no
+        # data, and to_empty() could not give it back
+        raise ValueError(
+            f"layer {name or '<root>'!r} ({type(module).__name__}) is on the meta device: materialise the model "
+            "first (model.to_empty(device=...), then load its weights) and relax() it then. The model was not "
+            "changed."
+        )
     kinds = {(t.dtype, t.device) for t in tensors}
     if len(kinds) > 1:
         raise AdapterError(
@@ -217,6 +225,9 @@ def _relax(model: nn.Module, adapters: Any, include: Any, exclude: Any, rank: An
             if found is not None:
                 adapter, term = found
                 _check_term(term, module, name, adapter, [t for _, _, _, t in targets])
+                if term.can_merge and _reparametrized(module):
+                    # W's delta is for the plain tensors; a parametrized one is computed from others
+                    term.can_merge = False
                 if term.subsampled_penalty:
                     default = None if exact else term.default_penalty_samples
                     term.penalty_samples = default if penalty_samples is None else penalty_samples
@@ -320,6 +331,19 @@ class _TrackedOptions(dict):
     def __contains__(self, key: object) -> bool:
         self.read.add(key)  # type: ignore[arg-type]
         return super().__contains__(key)
+
+
+def _reparametrized(module: nn.Module) -> bool:
+    """Whether a tensor of ``module`` is computed from others on every forward (``torch.nn.utils.parametrize``,
+    ``parametrizations.weight_norm``/``spectral_norm``, the old hook-based ``weight_norm``/``spectral_norm``):
+    a delta cannot be added to it, so θ·P(W) cannot be merged there."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return any(parametrize.is_parametrized(m) or any(isinstance(h, (WeightNorm, SpectralNorm))
+                                                      for h in m._forward_pre_hooks.values())
+               for m in module.modules())
 
 
 def _check_term(term: Any, module: nn.Module, name: str, adapter: str, others: list[RelaxationTerm]) -> None:

@@ -37,6 +37,9 @@ class RelaxedModule(nn.Module):
         self.base = base
         self.term = term
         self.adapter = adapter
+        # in the mode of the layer it replaces: relaxing an eval() model must not put train-mode modules in it
+        self.training = base.training
+        term.train(base.training)
         ref = next(iter(_floating_tensors(base)), None)
         self.register_buffer(
             "theta",

@@ -589,3 +589,37 @@ def test_saved_model_does_not_carry_the_last_batch():
     torch.save(model, big)
     assert len(big.getvalue()) < 1.2 * len(small.getvalue())
     assert model[0].term._x is not None  # the live model keeps it for penalty()
+
+
+def test_relax_refuses_a_model_on_the_meta_device():
+    # its terms' generators would be computed constants without data: to_empty() could not restore them
+    with torch.device("meta"):
+        model = plain()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="meta device"):
+        rp.relax(model)
+    assert [type(m) for m in model.modules()] == before
+    model.to_empty(device="cpu")  # materialised, it relaxes
+    assert isinstance(rp.relax(model)[0], rp.RelaxedModule)
+
+
+def test_penalty_after_a_forward_under_vmap_names_the_transform():
+    model = rp.relax(plain(), init_std=0.1)
+    torch.func.vmap(model)(torch.randn(8, 1, 4))
+    with pytest.raises(rp.RelaxError, match="torch.func transform"):
+        rp.penalty(model)
+    ran(model)  # a plain forward records usable inputs again
+    assert torch.isfinite(rp.penalty(model))
+
+
+def test_penalty_inside_a_torch_func_transform_still_works():
+    model = rp.relax(plain(), init_std=0.1)
+    params = dict(model.named_parameters())
+    x = torch.randn(6, 4)
+
+    def loss(p: dict) -> torch.Tensor:
+        out = torch.func.functional_call(model, p, (x,))
+        return out.square().sum() + rp.penalty(model)
+
+    grads = torch.func.grad(loss)(params)
+    assert all(torch.isfinite(g).all() for g in grads.values())

@@ -562,3 +562,49 @@ def test_relax_does_not_consume_the_global_random_stream():
     after_relax = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(torch.rand(3), after_relax)
+
+
+def test_relax_of_an_eval_model_adds_eval_mode_modules():
+    model = so2_model().eval()
+    rp.relax(model)
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("how", ["parametrize", "spectral_norm", "old_weight_norm"])
+def test_merge_drops_a_layer_with_reparametrized_weights(how):
+    model = so2_model(torch.float32)
+    if how == "parametrize":
+        torch.nn.utils.parametrize.register_parametrization(model[0], "a", nn.Identity())
+    elif how == "spectral_norm":
+        model[0] = torch.nn.utils.parametrizations.spectral_norm(model[0], "a")
+    else:
+        torch.nn.utils.weight_norm(model[0], "a")
+    rp.relax(model)
+    randomise_relaxation(model, 0.1)
+    rp.set_theta(model, 0.5)
+    x = torch.randn(8, 6)
+    model(x)
+    report = rp.projection_report(model)
+    assert report["0"]["mergeable"] == 0.0 and report["2"]["mergeable"] == 1.0
+    state = rp.projected_state_dict(model, merge=True)
+    assert "2.a" in state
+    with pytest.warns(UserWarning, match=r"dropped: \['0'\]"):
+        rp.project(model, merge=True)
+    assert type(model[2]) is SO2Linear
+
+
+def test_penalty_and_report_outside_autocast_after_an_autocast_forward():
+    model = rp.relax(so2_model(torch.float32))
+    randomise_relaxation(model, 0.1)
+    rp.set_theta(model, 0.5)
+    x = torch.randn(64, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert model[2].term._x.dtype == torch.bfloat16  # the input autocast gave the second layer
+    p = rp.penalty(model)
+    assert p.dtype == torch.float32 and bool(torch.isfinite(p))
+    p.backward()
+    assert model[2].term.weight.grad is not None
+    assert math.isfinite(rp.projection_report(model)["2"]["rel_output_error"])

@@ -586,3 +586,19 @@ def test_r3conv_so3_relax_and_project(dtype):
     # (1.2e-7) times the same decade margin and the ~10 summed terms per output. The escnn disk cache this
     # depends on is built by the test run itself (root conftest.py), never inherited.
     assert equiv_error(model, x, elem) < (1e-5 if dtype == torch.float32 else 1e-7)
+
+
+@pytest.mark.parametrize("activation_norm", [None, "exact"])
+def test_penalty_and_report_outside_autocast_after_an_autocast_forward(activation_norm):
+    model, t_in, _ = build("C4", torch.float32, k=3)
+    options = {} if activation_norm is None else {"escnn": {"escnn_activation_norm": activation_norm}}
+    rp.relax(model, adapter_options=options)
+    randomise(model, 0.1)
+    rp.set_theta(model, 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(smooth_input(t_in, 2, 9, torch.float32))
+    assert model[2].term._x.dtype == torch.bfloat16
+    p = rp.penalty(model)
+    assert p.dtype == torch.float32 and bool(torch.isfinite(p))
+    report = rp.projection_report(model)["2"]
+    assert math.isfinite(report["relax_ratio"]) and math.isfinite(report["rel_output_error"])

@@ -289,17 +289,22 @@ class ConvRelaxation(RelaxationTerm):
             total = total + self.grid_defect()
         return total
 
-    def penalty_terms(self) -> PenaltyTerms:
+    def _recorded(self) -> Tensor:
+        """The recorded input in the kernel's dtype (a forward under torch.autocast records bfloat16)."""
         if self._x is None:
             raise RuntimeError("no forward pass recorded yet: run the model on a batch before penalty()")
+        return self._x.to(self.weight.dtype)
+
+    def penalty_terms(self) -> PenaltyTerms:
+        x = self._recorded()
         n = self._samples
         lie = n * self.kernel_defect()
         if self.activation_norm == "exact":
-            norm = self._conv(self._x, self.kernel(), None).square().sum()
+            norm = self._conv(x, self.kernel(), None).square().sum()
         else:
             # E||K ⋆ x||² per output position for i.i.d. inputs with second moment mean(x²); an empty
             # batch has no samples (and mean() of nothing would be NaN)
-            second_moment = self._x.square().mean() if self._x.numel() else self._x.new_zeros(())
+            second_moment = x.square().mean() if x.numel() else x.new_zeros(())
             norm = n * second_moment * self.kernel().square().sum()
         return PenaltyTerms(lie, norm, n)
 
@@ -350,8 +355,9 @@ class ConvRelaxation(RelaxationTerm):
             }
             if self._x is not None and self._y_norm is not None:
                 y = self._y_norm.clamp_min(1e-30)
-                out["relax_ratio"] = float(th * self._conv(self._x, K, None).norm() / y)
-                out["rel_output_error"] = float(th * self._conv(self._x, R, None).norm() / y)
+                x = self._recorded()
+                out["relax_ratio"] = float(th * self._conv(x, K, None).norm() / y)
+                out["rel_output_error"] = float(th * self._conv(x, R, None).norm() / y)
             return out
 
     def extra_repr(self) -> str:
