@@ -108,6 +108,15 @@ class RelaxationTerm(nn.Module):
                 state[key] = None
         return state
 
+    def remember(self, name: str, value: Any) -> None:
+        """Store what a forward pass records (``_x``, ``_y``, a batch shape) as a plain attribute.
+
+        Call it from ``forward`` instead of ``self._x = ...``: nn.Module.__setattr__ checks its
+        parameter, module and buffer registries on every assignment, which costs more than the
+        rest of a small relaxed layer's bookkeeping.
+        """
+        self.__dict__[name] = value
+
     def recorded_state(self) -> dict[str, Any]:
         """What the last forward pass recorded (the ``_recorded_attrs``), e.g. to restore it later."""
         return {k: self.__dict__[k] for k in self._recorded_attrs if k in self.__dict__}

@@ -140,8 +140,8 @@ class LinearRelaxation(RelaxationTerm):
     def record(self, x: Tensor, y: Tensor) -> None:
         """Keep what penalties and reports need from a forward pass: the fibre input ``x`` (n, d_in)
         and the relaxed output ``y``, both detached. Call it from an overridden ``forward``."""
-        self._x = x.detach()
-        self._y = y.detach()
+        self.remember("_x", x.detach())
+        self.remember("_y", y.detach())
 
     def _recorded(self) -> Tensor:
         if self._x is None:

@@ -48,7 +48,13 @@ class RelaxedModule(nn.Module):
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.term(self.base, self.theta, *args, **kwargs)
+        # the registries directly: each nn.Module attribute fall-back (through this class's __getattr__)
+        # costs more than a small layer's whole relaxation bookkeeping
+        modules = self._modules
+        theta = self._buffers.get("theta")
+        if theta is None:  # a learnable θ (DualAscentTheta) is a parameter
+            theta = self.theta
+        return modules["term"](modules["base"], theta, *args, **kwargs)
 
     def penalty_terms(self) -> PenaltyTerms:
         return self.term.penalty_terms()

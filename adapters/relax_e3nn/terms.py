@@ -86,7 +86,7 @@ class E3nnRelaxation(LinearRelaxation):
         x = args[0] if args else kwargs[self.arg_name]
         if x.shape[-1] != self.symmetry.dim_in:  # plain ints in the hot path (torch.compile cannot guard Irreps)
             raise ValueError(f"expected a last axis of {self.irreps_in.dim} ({self.irreps_in}), got {tuple(x.shape)}")
-        self._batch_shape = tuple(x.shape[:-1])
+        self.remember("_batch_shape", tuple(x.shape[:-1]))
         return x
 
     def from_fibre(self, delta: Tensor, out: Tensor) -> Tensor:
@@ -101,12 +101,12 @@ class E3nnRelaxation(LinearRelaxation):
         if may_modify_inputs(base, self.pure_bases):
             x = x.clone()  # read before the base layer runs: an in-place update must not reach W·x
         out = base(*args, **kwargs)
-        self._x = x.detach()
+        self.remember("_x", x.detach())
         if tuple(out.shape[:-1]) == self._batch_shape:
             result = self.apply_weight(x, theta, add_to=out.reshape(-1, out.shape[-1])).reshape(out.shape)
         else:
             result = out + self.from_fibre(self.apply_weight(x, theta), out)
-        self._y = result.detach()
+        self.remember("_y", result.detach())
         return result
 
     # penalties: the core's default (second-moment form, batched across layers of equal shapes by

@@ -255,9 +255,9 @@ class ConvRelaxation(RelaxationTerm):
         K = self.kernel()
         # one convolution with the summed kernels (a second convolution would double the cost)
         out = self._conv(x.tensor, filt + theta.to(K.dtype) * K, bias)
-        self._x = x.tensor.detach()
-        self._samples = out.shape[0] * math.prod(out.shape[2:])
-        self._y_norm = out.detach().norm()
+        self.remember("_x", x.tensor.detach())
+        self.remember("_samples", out.shape[0] * math.prod(out.shape[2:]))
+        self.remember("_y_norm", out.detach().norm())
         return GeometricTensor(out, base.out_type, coords=None)
 
     # -- penalty -------------------------------------------------------------------------------

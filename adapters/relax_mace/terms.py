@@ -90,7 +90,7 @@ class MaceSymmetricContractionRelaxation(E3nnRelaxation):
             raise ValueError(
                 f"SymmetricContraction input must be (N, {self.channels}, {self.coupling_dim}), got {tuple(x.shape)}"
             )
-        self._batch_shape = (x.shape[0],)
+        self.remember("_batch_shape", (x.shape[0],))
         return x.reshape(x.shape[0], -1)  # channel-major, as contraction_input_irreps lays it out
 
     def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Any:

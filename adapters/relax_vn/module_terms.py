@@ -76,13 +76,13 @@ class VNModuleRelaxation(VNLinearRelaxation):
         xf = self.to_fibre(self.take_input(args, kwargs))
         if may_modify_inputs(base):
             xf = xf.clone()
-        self._x = xf.detach()
+        self.remember("_x", xf.detach())
         out = base(*args, **kwargs)
         if not isinstance(out, Tensor):
             raise ValueError(f"relax_vn: a relaxed VN layer module must return a tensor, got {type(out).__name__}")
         if not self._exactly_base(theta):
             out = out + self.from_fibre(self.apply_weight(xf, theta), out)
-        self._y = out.detach()
+        self.remember("_y", out.detach())
         return out
 
     can_merge = False  # an arbitrary module's parameters cannot hold θ·P(W)

@@ -175,7 +175,7 @@ class VNLinearRelaxation(LinearRelaxation):
     def forward(self, base: nn.Module, theta: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         x = self.take_input(args, kwargs)
         xf = self.to_fibre(x)
-        self._x = xf.detach()
+        self.remember("_x", xf.detach())
         fusable = not kwargs and len(args) == 1 and isinstance(base, nn.Linear) and base.bias is None
         factors = self.factors()
         if self._exactly_base(theta):
@@ -198,7 +198,7 @@ class VNLinearRelaxation(LinearRelaxation):
                 xf = xf.clone()  # read before the base layer runs (in-place updates must not reach W·x)
             out = base(*args, **kwargs)
             out = out + self.from_fibre(self.apply_weight(xf, theta), out)
-        self._y = out.detach()
+        self.remember("_y", out.detach())
         return out
 
     # -- penalties -------------------------------------------------------------------------------
