@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .relaxed import relaxation_parameters
+from .relaxed import relaxation_parameters, relaxed_modules
 
 __all__ = ["OptimizerWatch"]
 
@@ -50,6 +50,7 @@ class OptimizerWatch:
         self.model = model
         self.left = checks
         self._last: tuple[Tensor, Tensor] | None = None
+        self._moved: set[int] = set()  # ids of relaxation parameters seen changing
 
     def __call__(self) -> None:
         if self.left <= 0:
@@ -67,21 +68,31 @@ class OptimizerWatch:
             grads = torch.stack([p.grad.detach().double().abs().sum().cpu() if p.grad is not None
                                  else torch.zeros((), dtype=torch.float64) for p in extra])
         last, self._last = self._last, (now_base, now_extra)
-        if last is None:
+        if last is None or last[1].shape != now_extra.shape:  # first call, or θ turned learnable since
             return
         base_moved = bool((now_base != last[0]).any())
         had_grad = grads > 0
-        stuck = had_grad & (now_extra == last[1]).all(dim=-1)
+        moved = (now_extra != last[1]).any(dim=-1)
+        stuck = had_grad & ~moved
         if base_moved and bool(stuck.any()):
             self.left = 0
+            thetas = {id(layer.theta) for _, layer in relaxed_modules(self.model)}
+            if any(id(p) in thetas for p, s in zip(extra, stuck.tolist()) if s):
+                what = ("the learnable θ", "Build it after DualAscentTheta(model) (which makes θ a parameter)")
+            else:
+                what = ("the relaxation weights", "Build it after relax()")
             warnings.warn(
-                "the relaxation weights received gradients but did not change while the model's own weights "
-                "did: the optimiser does not hold them. Build it after relax() (or add "
+                f"{what[0]} received gradients but did not change while the model's own weights "
+                f"did: the optimiser does not hold them. {what[1]} (or add "
                 "rp.relaxation_parameters(model) to it), otherwise relaxation has no effect.",
                 RuntimeWarning, stacklevel=3,
             )
-        elif base_moved and bool(had_grad.any()):
-            self.left = 0  # W is being trained: nothing more to watch
+        elif base_moved:
+            # watched until every trainable relaxation parameter was seen moving: W moves from the first
+            # step, a learned θ only once W ≠ 0 gives it a gradient
+            self._moved.update(id(p) for p, m in zip(extra, moved.tolist()) if m)
+            if all(id(p) in self._moved for p in extra if p.requires_grad):
+                self.left = 0  # everything is being trained: nothing more to watch
 
 
 def _fingerprint(params: list[Tensor]) -> Tensor:

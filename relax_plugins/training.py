@@ -69,7 +69,9 @@ class RelaxedTraining:
             of spread over k (SGD sees the same sum; Adam's normalisation does not). None (default):
             4 with a schedule — the recipe the paper-length evidence chose on validation (its
             ``every4`` arm, ``docs/evidence.md``) — and 1 with a learned θ policy (measured that way).
-            1 computes it every call.
+            1 computes it every call. It counts calls, not optimiser steps: with an optimiser that
+            evaluates its closure several times per step (LBFGS), pass 1, or the evaluations within
+            one step would see different objectives.
 
     Example:
         >>> import torch, relax_plugins as rp

@@ -201,6 +201,28 @@ def test_batched_graphs_match_single_graphs():
         start += n
 
 
+def test_empty_graphs_in_a_batch():
+    """Batch.from_data_list with empty graphs gives graph ids past the node count ([0, 0, 5]
+    for 3 nodes): the relaxed layer runs and centres each graph on its own centroid."""
+    from torch_geometric.data import Batch, Data
+
+    torch.manual_seed(0)
+    sizes = (2, 0, 0, 0, 0, 1)
+    graphs = [Data(pos=torch.randn(n, 3, dtype=torch.float64), vel=torch.randn(n, 3, dtype=torch.float64),
+                   q=torch.ones(n, 1, dtype=torch.float64), num_nodes=n,
+                   edge_index=relax_pyg.fully_connected_edge_index(torch.zeros(n, dtype=torch.long)))
+              for n in sizes]
+    b = Batch.from_data_list(graphs)
+    assert int(b.batch.max()) >= b.num_nodes
+    model = rp.relax(EGNN(hidden=4, layers=2).double(), adapters=["pyg"], init_std=0.3)
+    rp.set_theta(model, 1.0)
+    out = model(b.pos, b.vel, b.q, b.edge_index, b.batch)
+    singles = [model(g.pos, g.vel, g.q, g.edge_index, torch.zeros(g.num_nodes, dtype=torch.long))
+               for g in graphs if g.num_nodes]
+    assert torch.allclose(out, torch.cat(singles), atol=1e-12)
+    assert torch.isfinite(rp.penalty(model))
+
+
 def test_penalty_zero_on_intertwiners_and_trains_w_only():
     data = _graphs(torch.float64)
     model = rp.relax(EGNN(hidden=4, layers=1).double(), adapters=["pyg"], init_std=0.3)
@@ -278,6 +300,28 @@ def test_declaration_errors(declared_vec_layer):
     model = rp.relax(torch.nn.Sequential(VecLayer(c=3)))[0]  # declared as 2x1o, has 3 channels
     with pytest.raises(ValueError, match="dimension"):
         model(torch.randn(4, 3, 3), torch.randn(4, 3), edge_index=torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_misdeclared_outputs_and_mixed_node_counts_are_named():
+    """A tuple-returning layer declared with one output field, and a declared input of another row
+    count (edge features next to node features): errors that say so, not torch's."""
+
+    class Pair(torch.nn.Module):
+        def forward(self, h, pos):
+            return h, pos
+
+    relax_pyg.declare(Pair, inputs={"h": "2x0e"}, outputs="2x0e")
+    try:
+        layer = rp.relax(torch.nn.Sequential(Pair()), adapters=["pyg"])[0]
+        with pytest.raises(ValueError, match="output 0 of Pair is a tuple"):
+            layer(torch.randn(4, 2), torch.randn(4, 3))
+        rp.project(layer)
+        relax_pyg.declare(Pair, inputs={"h": "2x0e", "pos": "pos"}, outputs=("2x0e", "pos"))
+        layer = rp.relax(torch.nn.Sequential(Pair()), adapters=["pyg"])[0]
+        with pytest.raises(ValueError, match="different node counts"):
+            layer(torch.randn(4, 2), torch.randn(6, 3))
+    finally:
+        relax_pyg.undeclare(Pair)
 
 
 def test_class_attribute_declaration_and_merge_hook():

@@ -127,3 +127,16 @@ def test_vis_mp_alone_needs_lmax():
     relaxed = rp.relax(model, adapters=["pyg"], include=pattern, adapter_options={"pyg": {"visnet_lmax": 2}})
     assert len(list(rp.relaxed_modules(relaxed))) == 2
     relaxed(*_molecules(torch.float32))
+
+
+def test_visnet_lmax_option_contradicting_the_model_is_refused():
+    """adapter_options visnet_lmax that contradicts the enclosing ViSNet's lmax: an error at relax()
+    (model unchanged), not a shape error at the first forward; a consistent one is accepted."""
+    model = _visnet(torch.float32, 2)
+    keys = list(model.state_dict())
+    with pytest.raises(rp.AdapterError, match="contradicts the lmax=2"):
+        rp.relax(model, adapter_options={"pyg": {"visnet_lmax": 1}})
+    assert list(model.state_dict()) == keys and not list(rp.relaxed_modules(model))
+    rp.relax(model, adapter_options={"pyg": {"visnet_lmax": 2}})
+    z, pos, batch = _molecules(torch.float32)
+    assert model(z, pos, batch)[0].shape == (2, 1)

@@ -63,11 +63,18 @@ def enclosing_lmax(module: nn.Module, name: str, root: nn.Module | None) -> int 
 
 
 def _lmax(module: nn.Module, options: dict[str, Any], name: str, root: nn.Module | None) -> int:
-    if options.get("visnet_lmax") is not None:
-        return int(options["visnet_lmax"])
+    given = options.get("visnet_lmax")
     lmax = enclosing_lmax(module, name, root)
     if lmax is not None:
+        # the enclosing ViSNet knows: an option that contradicts it would fail only at the first forward
+        if given is not None and int(given) != lmax:
+            raise ValueError(
+                f"adapter_options visnet_lmax={given!r} contradicts the lmax={lmax} of the ViSNet that holds "
+                f"this {type(module).__name__}: leave the option out (it is read from the model)"
+            )
         return lmax
+    if given is not None:
+        return int(given)
     raise ValueError(
         f"cannot tell the lmax of this {type(module).__name__} (its vectors are (N, 3, H) for lmax 1, (N, 8, H) "
         "for lmax 2): relax the enclosing ViSNet / ViSNetBlock, or pass "

@@ -84,7 +84,10 @@ def center_positions(
         return total / count.clamp_min(1.0)[:, None]
     if batch is None:
         return pos - pos.mean(dim=0, keepdim=True)
-    # sizes from the batch vector itself (not max()+1 on the host): stays on device, no sync
+    # graph ids may reach past the node count (empty graphs in a Batch.from_data_list give ids
+    # [0, 4] for 2 nodes): number the graphs that have nodes 0, 1, ... first. Sizes from the batch
+    # vector itself (not max()+1 on the host): stays on device, no sync
+    batch = _dense_graph_ids(batch)
     num = pos.shape[0]
     total = torch.zeros(num, pos.shape[1], dtype=pos.dtype, device=pos.device).index_add_(0, batch, pos)
     count = torch.zeros(num, dtype=pos.dtype, device=pos.device).index_add_(
@@ -92,6 +95,15 @@ def center_positions(
     )
     centroid = total / count.clamp_min(1.0)[:, None]
     return pos - centroid.index_select(0, batch)
+
+
+def _dense_graph_ids(batch: Tensor) -> Tensor:
+    """The graph ids of ``batch`` renumbered 0, 1, ... in increasing order (each below the node count),
+    on device: ``[0, 0, 4]`` → ``[0, 0, 1]``; any order of the nodes."""
+    ids, order = batch.sort()
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[1:] = ids[1:] != ids[:-1]
+    return torch.empty_like(batch).scatter_(0, order, new.long().cumsum(0) - 1)
 
 
 def center_rows(pos: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -198,6 +210,11 @@ class PygRelaxation(LinearRelaxation):
                     f"input {name!r} has {tensors[-1].shape[1]} features per node, but its field "
                     f"{f.irreps!r} ({f.layout}) has dimension {f.dim}"
                 )
+        if len({t.shape[0] for t in tensors}) > 1:
+            counts = {name: t.shape[0] for (name, _, _), t in zip(spec.inputs, tensors)}
+            raise ValueError(f"the declared inputs have different node counts {counts}: W acts on each node's "
+                             "fibre, so every declared input must be node-level (edge features cannot be "
+                             "declared next to node features)")
         return torch.cat(tensors, dim=-1) if len(tensors) > 1 else tensors[0]
 
     def to_fibre(self, x: Tensor) -> Tensor:
@@ -221,6 +238,10 @@ class PygRelaxation(LinearRelaxation):
             if f is None:
                 continue
             y = outs[i]
+            if not isinstance(y, Tensor):
+                raise ValueError(f"output {i} of {type(base).__name__} is a {type(y).__name__}, not a tensor: declare "
+                                 "outputs as a sequence matching the returned tuple (None for outputs that are "
+                                 "not relaxed)")
             delta = next(deltas)
             if self._per_node(y).shape != delta.shape:
                 raise ValueError(f"output {i} has shape {tuple(y.shape)}, not {f.dim} features per node ({f.irreps!r}) "
