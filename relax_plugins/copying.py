@@ -86,4 +86,9 @@ def module_copy(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
     new.__dict__["_modules"] = type(module._modules)(
         (k, None if v is None else module_copy(v, memo)) for k, v in module._modules.items()
     )
+    if isinstance(module, torch.fx.GraphModule):
+        # GraphModule.__new__ gave the copy a fresh per-instance class (GraphModuleImpl) without the
+        # generated forward (MACE's SymmetricContraction holds such modules): install it from the
+        # shared graph, as GraphModule.__init__ and its __deepcopy__ do
+        new.recompile()
     return new

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 
 pytest.importorskip("mace")
@@ -194,6 +195,50 @@ def test_mace_round_trip(mace_setup):
         assert errs["energy"] <= 1e-10 and errs["forces"] <= 1e-10, (merged, errs)
     # merge=True folds θ·P(W) of the o3.Linears into their weights: it differs from the dropped model
     assert not torch.equal(mace_run.predict(projected, batch)[0], mace_run.predict(model, batch)[0])
+
+
+def test_training_export_of_a_relaxed_mace_runs(mace_setup):
+    # export() copies without deepcopy (module_copy): the torch.fx GraphModules of the contractions
+    # (graph_opt_main, ...) must keep their generated forward in the copy
+    base, mols = mace_setup
+    model = rp.relax(copy.deepcopy(base), init_std=0.1)
+    rp.set_theta(model, 1.0)
+    batch = mace_run.to_batch(mols[:2])
+    run = rp.RelaxedTraining(model, "constant", total=1)
+    exported = run.export()
+    e, f = mace_run.predict(exported, batch)
+    e_ref, f_ref = mace_run.predict(rp.project(copy.deepcopy(model)), batch)
+    assert torch.equal(e, e_ref) and torch.equal(f, f_ref)
+    assert _classes(exported) == _classes(base)
+
+
+def test_equivariance_report_on_a_mace_that_cannot_be_deep_copied(mace_setup):
+    # use_so3=True (or odd-parity hidden irreps) gives contractions without paths, whose weights are
+    # mace's EmptyParam: copy.deepcopy of the model fails, the report's projected copy must not
+    _, mols = mace_setup
+    from e3nn import o3
+    from mace import modules
+
+    torch.manual_seed(0)
+    with mace_run.default_dtype(torch.float64):
+        base = modules.MACE(
+            r_max=mace_run.R_MAX, num_bessel=4, num_polynomial_cutoff=5, max_ell=1,
+            interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+            interaction_cls_first=modules.interaction_classes["RealAgnosticInteractionBlock"],
+            num_interactions=2, num_elements=len(mace_run.Z_TABLE), hidden_irreps=o3.Irreps("2x0e + 2x1o"),
+            MLP_irreps=o3.Irreps("2x0e"), gate=torch.nn.functional.silu, atomic_energies=np.zeros(4),
+            avg_num_neighbors=3.0, atomic_numbers=list(mace_run.Z_TABLE), correlation=2, use_so3=True,
+        )
+    with pytest.raises(TypeError):
+        copy.deepcopy(base)  # mace's own limitation (EmptyParam.__new__ takes no requires_grad)
+    model = rp.relax(base, init_std=0.1)
+    rp.set_theta(model, 1.0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = rp.equivariance_report(
+        model, mace_run.to_batch(mols[:2]), error_fn=lambda m: mace_run.rigid_motion_errors(m, mols[:2], n=1)["energy"]
+    )
+    assert report["model"]["projected"] <= 1e-10 < report["model"]["relaxed"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
 def test_example_main_smoke(tmp_path):
