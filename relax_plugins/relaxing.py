@@ -192,10 +192,15 @@ def _relax(model: nn.Module, adapters: Any, include: Any, exclude: Any, rank: An
         try:
             notes = calls.observe(model, call, options)
         except AdapterFailure as failure:
+            # the observation runs without gradients: a forward that differentiates (forces) fails there
+            hint = ("" if "grad" not in str(failure.exc) else
+                    " example_inputs run without gradients: for a model that differentiates inside its forward "
+                    "(forces by autograd, e.g. MACE), pass inputs that turn it off, e.g. "
+                    "example_inputs={'args': (batch,), 'kwargs': {'compute_force': False}}.")
             raise AdapterError(
                 f"relax() could not observe the model on example_inputs (adapter {failure.adapter!r}, "
                 "relax_observe): "
-                f"{type(failure.exc).__name__}: {failure.exc}. The model was not changed."
+                f"{type(failure.exc).__name__}: {failure.exc}.{hint} The model was not changed."
             ) from failure.exc
 
     # every place a module object is used (a module used twice has tied weights: relax all uses or none)

@@ -623,3 +623,28 @@ def test_penalty_inside_a_torch_func_transform_still_works():
 
     grads = torch.func.grad(loss)(params)
     assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+class _ForceModel(nn.Module):
+    """Differentiates inside its forward (forces as −∂E/∂x, as MACE does with compute_force=True)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = SO2Linear(2, 2)
+
+    def forward(self, x: torch.Tensor, compute_force: bool = True) -> torch.Tensor:
+        if not compute_force:
+            return self.lin(x)
+        x = x.requires_grad_(True)
+        energy = self.lin(x).square().sum()
+        return torch.autograd.grad(energy, x, create_graph=self.training)[0]
+
+
+def test_example_inputs_of_a_model_that_differentiates_in_forward_get_a_hint():
+    model = _ForceModel()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(rp.AdapterError, match="without gradients.*compute_force"):
+        rp.relax(model, example_inputs=(torch.randn(5, 4),))
+    assert type(model.lin) is SO2Linear and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    rp.relax(model, example_inputs={"args": (torch.randn(5, 4),), "kwargs": {"compute_force": False}})
+    assert isinstance(model.lin, rp.RelaxedModule)
