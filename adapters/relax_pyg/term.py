@@ -99,7 +99,14 @@ def center_positions(
 
 def _dense_graph_ids(batch: Tensor) -> Tensor:
     """The graph ids of ``batch`` renumbered 0, 1, ... in increasing order (each below the node count),
-    on device: ``[0, 0, 4]`` → ``[0, 0, 1]``; any order of the nodes."""
+    on device: ``[0, 0, 4]`` → ``[0, 0, 1]``; any order of the nodes.
+
+    Example:
+        >>> _dense_graph_ids(torch.tensor([0, 0, 4])).tolist(), _dense_graph_ids(torch.tensor([3, 0, 3])).tolist()
+        ([0, 0, 1], [1, 0, 1])
+    """
+    if batch.device.type == "cpu" and (batch.numel() == 0 or int(batch.max()) < batch.numel()):
+        return batch  # ids that fit need no renumbering: one reduction (a host read costs nothing on CPU)
     ids, order = batch.sort()
     new = torch.ones_like(ids, dtype=torch.bool)
     new[1:] = ids[1:] != ids[:-1]
