@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .moments import PenaltyTerms
@@ -107,6 +108,19 @@ class RelaxationTerm(nn.Module):
             if key in state:
                 state[key] = None
         return state
+
+    def recorded_input(self, dtype: torch.dtype) -> Tensor:
+        """The input the last forward pass recorded (``_x``), in ``dtype`` (W's): a forward under
+        torch.autocast records bfloat16/float16 inputs, and penalties and reports, also computed
+        outside autocast, read them in W's dtype.
+
+        Raises:
+            RuntimeError: no forward pass has been recorded yet.
+        """
+        x = self.__dict__.get("_x")
+        if x is None:
+            raise RuntimeError("no forward pass recorded yet: run the model on a batch before penalty()")
+        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
 
     def remember(self, name: str, value: Any) -> None:
         """Store what a forward pass records (``_x``, ``_y``, a batch shape) as a plain attribute.

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["module_copy"]
+__all__ = ["module_copy", "model_copy"]
 
 _CONTAINERS = ("_parameters", "_buffers", "_modules")
 
@@ -92,3 +92,20 @@ def module_copy(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
         # shared graph, as GraphModule.__init__ and its __deepcopy__ do
         new.recompile()
     return new
+
+
+def model_copy(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy(module)``, or its state copy (:func:`module_copy`) where it cannot be deep-copied
+    (escnn's SO(3) layers; MACE with ``use_so3`` or odd-parity hidden irreps holds mace's ``EmptyParam``,
+    whose ``__new__`` ``Parameter.__deepcopy__`` cannot call).
+
+    Example:
+        >>> a = nn.Linear(2, 2)
+        >>> b = model_copy(a)
+        >>> b is not a and torch.equal(a.weight, b.weight)
+        True
+    """
+    try:
+        return copy.deepcopy(module)
+    except Exception:
+        return module_copy(module)

@@ -3,7 +3,6 @@ dict (JSON-ready), a terminal table and a PNG."""
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ from torch import nn
 
 from ._checks import check_bool, check_real
 from .api import _require_relaxed, preserved_state, project, projection_report, relaxed_modules
-from .copying import module_copy
+from .copying import model_copy
 
 __all__ = ["equivariance_report", "format_report", "save_report", "plot_report", "plot_history", "saved_tensor_bytes"]
 
@@ -88,19 +87,9 @@ def equivariance_report(
         if error_fn is not None:  # in the caller's grad mode too: error_fn runs the user's own code
             out["model"]["relaxed"] = _error_value(error_fn(model), "relaxed")
             with torch.no_grad():
-                projected = project(_copy_model(model), merge=merge)
+                projected = project(model_copy(model), merge=merge)
             out["model"]["projected"] = _error_value(error_fn(projected), "projected")
     return out
-
-
-def _copy_model(model: nn.Module) -> nn.Module:
-    try:
-        return copy.deepcopy(model)
-    except Exception:
-        # some models cannot be deep-copied (escnn's SO(3) layers; MACE with use_so3 or odd-parity
-        # hidden irreps holds mace's EmptyParam, whose __new__ Parameter.__deepcopy__ cannot call);
-        # their state can be copied
-        return module_copy(model)
 
 
 def _error_value(value: Any, which: str) -> float:

@@ -144,12 +144,7 @@ class LinearRelaxation(RelaxationTerm):
         self.remember("_y", y.detach())
 
     def _recorded(self) -> Tensor:
-        if self._x is None:
-            raise RuntimeError("no forward pass recorded yet: run the model on a batch before penalty()")
-        # a forward under torch.autocast records bfloat16/float16 inputs of a float32 W: penalties and
-        # reports, also computed outside autocast, read them in W's dtype
-        x, dtype = self._x, self._weight_dtype()
-        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+        return self.recorded_input(self._weight_dtype())
 
     def _weight_dtype(self) -> torch.dtype:
         return (self.weight if self.rank is None else self.lora_a).dtype

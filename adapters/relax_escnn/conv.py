@@ -290,10 +290,7 @@ class ConvRelaxation(RelaxationTerm):
         return total
 
     def _recorded(self) -> Tensor:
-        """The recorded input in the kernel's dtype (a forward under torch.autocast records bfloat16)."""
-        if self._x is None:
-            raise RuntimeError("no forward pass recorded yet: run the model on a batch before penalty()")
-        return self._x.to(self.weight.dtype)
+        return self.recorded_input(self.weight.dtype)
 
     def penalty_terms(self) -> PenaltyTerms:
         x = self._recorded()

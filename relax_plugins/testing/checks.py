@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from typing import Any
@@ -11,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..api import project, projected_state_dict, relax, relaxed_modules, set_theta
-from ..copying import module_copy
+from ..copying import model_copy
 from ..probe import normalize_example_inputs
 from ..symmetry import MAX_GENERIC_NULLSPACE, GenericProjector
 from ..term import LinearRelaxation
@@ -77,13 +76,7 @@ class _Check:
         self.report.skipped.setdefault(prop, why)
 
     def copy_layer(self) -> nn.Module:
-        try:
-            copied = copy.deepcopy(self.layer)
-        except Exception:
-            # escnn's SO(3) layers cannot be deep-copied; their state can (e3nn's compiled
-            # fx modules are the opposite: a state copy shares code objects that forward needs)
-            copied = module_copy(self.layer)
-        return copied.to(self.dtype)
+        return model_copy(self.layer).to(self.dtype)
 
     def relaxed_holder(self) -> _Holder:
         holder = _Holder(self.copy_layer())
