@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .lowrank import low_rank_moments, use_factors
 
-__all__ = ["PenaltyTerms", "moment_penalties", "moment_sums"]
+__all__ = ["PenaltyTerms", "moment_penalties", "moment_sums", "under_func_transform"]
 
 if TYPE_CHECKING:
     from .linear import LinearRelaxation
@@ -89,19 +89,77 @@ def moment_sums(terms: list[LinearRelaxation], inputs: list[tuple[Tensor, int]])
             lie = lie * scale
         return lie, norm
     W = torch.stack([t.dense() for t in terms])  # (L, d_out, d_in)
-    L, d_out, d_in = W.shape
+    L, d_out, _ = W.shape
     _, G_out, G_in, scale = _stacked_generators(terms, W.dtype)  # G_in laid out (L, d_in, K·d_in)
-    k = G_out.shape[1]
-    G_out = G_out.reshape(L, k * d_out, d_out)
+    G_out = G_out.reshape(L, G_out.shape[1] * d_out, d_out)
     with torch.no_grad():
         S = torch.stack([x.T @ x for x, _ in inputs])  # (L, d_in, d_in): detached, trains W only
-    WG = (W @ G_in).reshape(L, d_out, k, d_in).transpose(1, 2).reshape(L, k * d_out, d_in)
-    C = WG - G_out @ W  # (L, k·d_out, d_in): the blocks W ρ_in(A_k) − ρ_out(A_k) W
-    lie = ((C @ S) * C).sum(dim=(1, 2)).clamp_min(0.0)
+    if W.requires_grad and torch.is_grad_enabled() and not under_func_transform():
+        lie, norm = _DenseMoments.apply(W, S, G_in, G_out)
+    else:  # torch.func transforms (hessian of the penalty in W) need the plain operations
+        lie, norm = _dense_moments(W, S, G_in, G_out)[:2]
+    lie, norm = lie.clamp_min(0.0), norm.clamp_min(0.0)
     if scale != 1.0:
         lie = lie * scale
-    norm = ((W @ S) * W).sum(dim=(1, 2)).clamp_min(0.0)
     return lie, norm
+
+
+def _dense_moments(W: Tensor, S: Tensor, G_in: Tensor, G_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Σ_k ⟨C_k S, C_k⟩ and ⟨W S, W⟩ per layer (before clamping), with C S and W S.
+
+    W: (L, d_out, d_in); S: (L, d_in, d_in); G_in: (L, d_in, K·d_in), the blocks ρ_in(A_k) side by
+    side; G_out: (L, K·d_out, d_out), the blocks ρ_out(A_k) stacked.
+    """
+    L, d_out, d_in = W.shape
+    k = G_out.shape[1] // d_out
+    WG = (W @ G_in).reshape(L, d_out, k, d_in).transpose(1, 2).reshape(L, k * d_out, d_in)
+    C = WG - G_out @ W  # (L, k·d_out, d_in): the blocks W ρ_in(A_k) − ρ_out(A_k) W
+    CS, WS = C @ S, W @ S
+    return (CS * C).sum(dim=(1, 2)), (WS * W).sum(dim=(1, 2)), CS, WS
+
+
+def under_func_transform() -> bool:
+    """Whether the caller runs inside a torch.func transform (vmap, grad, jacrev, hessian): there,
+    tensors stand for one trace's values (not to be cached) and hand-written autograd.Functions
+    without transform rules cannot run.
+
+    Example:
+        >>> inside = []
+        >>> _ = torch.func.vmap(lambda x: inside.append(under_func_transform()) or x)(torch.ones(2))
+        >>> under_func_transform(), inside
+        (False, [True])
+    """
+    functorch = getattr(torch._C, "_functorch", None)
+    return functorch is not None and functorch.peek_interpreter_stack() is not None
+
+
+class _DenseMoments(torch.autograd.Function):
+    """:func:`_dense_moments` with its gradient in closed form: ∂/∂W of ⟨C S, C⟩ is the pull-back of
+    2·C S through C(W) = W G − G_out W, and of ⟨W S, W⟩ it is 2·W S (S is symmetric). C S and W S come
+    from the forward, so the backward takes two batched products where autograd's takes four and a
+    dozen reshapes. A backward that must itself be differentiable (``create_graph=True``)
+    recomputes them from W with differentiable operations.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, W: Tensor, S: Tensor, G_in: Tensor, G_out: Tensor) -> tuple[Tensor, Tensor]:
+        lie, norm, CS, WS = _dense_moments(W, S, G_in, G_out)
+        ctx.save_for_backward(W, S, G_in, G_out, CS, WS)
+        return lie, norm
+
+    @staticmethod
+    def backward(ctx: Any, g_lie: Tensor, g_norm: Tensor) -> tuple[Tensor | None, ...]:
+        W, S, G_in, G_out, CS, WS = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the gradient as a function of W that autograd can follow
+            _, _, CS, WS = _dense_moments(W, S, G_in, G_out)
+        L, d_out, d_in = W.shape
+        k = G_out.shape[1] // d_out
+        dt = CS.dtype  # under autocast the forward's products ran in a lower precision: so do these
+        gC = (2 * g_lie).to(dt)[:, None, None] * CS
+        gW = gC.reshape(L, k, d_out, d_in).transpose(1, 2).reshape(L, d_out, k * d_in) @ G_in.to(dt).transpose(1, 2)
+        gW = gW - G_out.to(dt).transpose(1, 2) @ gC
+        gW = gW + (2 * g_norm).to(dt)[:, None, None] * WS.to(dt)
+        return gW.to(W.dtype), None, None, None
 
 
 #: stacked generators of the layer groups recently penalised (the same groups every step): stacking

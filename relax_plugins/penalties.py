@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ._checks import check_choice, check_real
 from .errors import AdapterError, NonFiniteError, RelaxError
-from .moments import moment_sums
+from .moments import moment_sums, under_func_transform
 from .relaxed import _require_relaxed
 from .term import LinearRelaxation, PenaltyTerms
 from .wrapper import RelaxedModule
@@ -179,7 +179,7 @@ def _check_not_escaped(recorded: dict[str, Any], name: str, layer: RelaxedModule
     functorch = getattr(torch._C, "_functorch", None)
     if functorch is None or not hasattr(functorch, "is_functorch_wrapped_tensor"):
         return
-    if functorch.peek_interpreter_stack() is not None:  # inside a transform: its tensors are alive
+    if under_func_transform():  # inside a transform: its tensors are alive
         return
     if any(isinstance(v, Tensor) and functorch.is_functorch_wrapped_tensor(v) for v in recorded.values()):
         raise RelaxError(

@@ -21,7 +21,7 @@ from .contract import CAPABILITIES, RelaxationTerm
 from .inplace import PURE_LIBRARIES, may_modify_inputs  # noqa: F401  (re-exported)
 from .linear import LinearRelaxation
 from .lowrank import low_rank_apply, low_rank_moments
-from .moments import PenaltyTerms, moment_penalties
+from .moments import PenaltyTerms, moment_penalties, under_func_transform
 
 __all__ = [
     "RelaxationTerm",
@@ -32,4 +32,5 @@ __all__ = [
     "may_modify_inputs",
     "low_rank_apply",
     "low_rank_moments",
+    "under_func_transform",
 ]

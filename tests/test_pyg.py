@@ -447,3 +447,33 @@ def test_egnn_layers_share_one_batched_penalty_and_wide_layers_stay_structured()
         ref = layer.term.penalty_terms()
         assert float(ref.lie.detach()) > 0 and torch.allclose(t.lie, ref.lie, rtol=1e-10)
         assert torch.allclose(t.norm, ref.norm, rtol=1e-10)
+
+
+def test_graph_sizes_cache_follows_the_batch_vector_and_its_in_place_changes():
+    """Centring reuses the graph sizes of the last batch vector seen (every layer of a model centres on
+    the same one), and recomputes them for another vector or after an in-place change of this one."""
+    from relax_pyg import term as pyg_term
+    from relax_pyg.term import center_positions
+
+    pos = torch.randn(6, 3, dtype=torch.float64)
+
+    def centred_by_hand(b):
+        out = pos.clone()
+        for g in b.unique():
+            out[b == g] -= pos[b == g].mean(0)
+        return out
+
+    batch = torch.tensor([0, 0, 0, 1, 1, 2])
+    first = center_positions(pos, batch)
+    assert torch.allclose(first, centred_by_hand(batch))
+    assert pyg_term._SIZES["last"][0] is batch
+    assert torch.equal(center_positions(pos, batch), first)  # from the cache
+    batch[3:] = 1  # in place: version bump, sizes recomputed
+    assert torch.allclose(center_positions(pos, batch), centred_by_hand(batch))
+    other = torch.tensor([0, 1, 1, 1, 1, 1])
+    assert torch.allclose(center_positions(pos, other), centred_by_hand(other))
+    with torch.inference_mode():  # inference tensors have no version counter: never cached
+        inf_batch = torch.tensor([0, 0, 1, 1, 1, 1])
+        assert torch.allclose(center_positions(pos, inf_batch), centred_by_hand(inf_batch))
+    assert pyg_term._SIZES["last"][0] is other
+

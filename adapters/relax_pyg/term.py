@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from relax_plugins import LinearRelaxation, PenaltyTerms, Symmetry
 from relax_plugins.irreps import Fibre, FibreGenerators, SchurProjection
 from relax_plugins.lowrank import use_factors
-from relax_plugins.term import may_modify_inputs
+from relax_plugins.term import may_modify_inputs, under_func_transform
 
 from .spec import ResolvedSpec
 
@@ -84,17 +84,36 @@ def center_positions(
         return total / count.clamp_min(1.0)[:, None]
     if batch is None:
         return pos - pos.mean(dim=0, keepdim=True)
+    batch, count = _graph_sizes(batch, pos.dtype)
+    total = torch.zeros(pos.shape[0], pos.shape[1], dtype=pos.dtype, device=pos.device).index_add_(0, batch, pos)
+    return pos - (total / count).index_select(0, batch)
+
+
+#: (batch, its version, dtype) → (dense ids, nodes per graph) of the last batch vector seen: every
+#: relaxed layer of a model centres positions on the same batch vector, and models often reuse it from
+#: step to step. Holds the tensor itself, so its identity cannot pass to a new one at the same address
+_SIZES: dict[str, tuple] = {}
+
+
+def _graph_sizes(batch: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The dense graph ids of ``batch`` (:func:`_dense_graph_ids`) and, per graph id, its node count
+    as a (N, 1) column of ``dtype`` (1 for unused ids), cached for the last batch vector seen (not
+    under torch.compile or torch.func, whose tensors stand for values of one trace)."""
+    cacheable = not (batch.is_inference() or torch.compiler.is_compiling() or under_func_transform())
+    hit = _SIZES.get("last") if cacheable else None
+    if hit is not None and hit[0] is batch and hit[1] == batch._version and hit[2] == dtype:
+        return hit[3], hit[4]
     # graph ids may reach past the node count (empty graphs in a Batch.from_data_list give ids
     # [0, 4] for 2 nodes): number the graphs that have nodes 0, 1, ... first. Sizes from the batch
     # vector itself (not max()+1 on the host): stays on device, no sync
-    batch = _dense_graph_ids(batch)
-    num = pos.shape[0]
-    total = torch.zeros(num, pos.shape[1], dtype=pos.dtype, device=pos.device).index_add_(0, batch, pos)
-    count = torch.zeros(num, dtype=pos.dtype, device=pos.device).index_add_(
-        0, batch, torch.ones_like(batch, dtype=pos.dtype)
+    ids = _dense_graph_ids(batch)
+    count = torch.zeros(batch.shape[0], dtype=dtype, device=batch.device).index_add_(
+        0, ids, torch.ones_like(ids, dtype=dtype)
     )
-    centroid = total / count.clamp_min(1.0)[:, None]
-    return pos - centroid.index_select(0, batch)
+    count = count.clamp_min(1.0)[:, None]
+    if cacheable:
+        _SIZES["last"] = (batch, batch._version, dtype, ids, count)
+    return ids, count
 
 
 def _dense_graph_ids(batch: Tensor) -> Tensor:
