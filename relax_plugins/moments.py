@@ -191,6 +191,9 @@ def _flat(G_in: Tensor) -> Tensor:
 def _cached_stack(terms: list[LinearRelaxation], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """The stacked generators, and the input ones laid out (L, d_in, K·d_in) for the dense path."""
     gens = [t.symmetry.stacked(dtype) for t in terms]  # each cached by its symmetry
+    if torch.compiler.is_compiling():  # a compiled graph keeps the stacks itself; the cache's ids cannot be guarded
+        G_in = torch.stack([g[0] for g in gens])
+        return G_in, torch.stack([g[1] for g in gens]), _flat(G_in)
     key = tuple(id(g) for pair in gens for g in pair)
     hit = _STACK_CACHE.get(key)
     if hit is not None and all(r() is g for r, g in zip(hit[0], (g for pair in gens for g in pair))):
