@@ -188,18 +188,21 @@ def _flat(G_in: Tensor) -> Tensor:
     return G_in.permute(0, 2, 1, 3).reshape(L, d_in, K * d_in)
 
 
+def _stack(gens: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    G_in = torch.stack([g[0] for g in gens])
+    return G_in, torch.stack([g[1] for g in gens]), _flat(G_in)
+
+
 def _cached_stack(terms: list[LinearRelaxation], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """The stacked generators, and the input ones laid out (L, d_in, K·d_in) for the dense path."""
     gens = [t.symmetry.stacked(dtype) for t in terms]  # each cached by its symmetry
     if torch.compiler.is_compiling():  # a compiled graph keeps the stacks itself; the cache's ids cannot be guarded
-        G_in = torch.stack([g[0] for g in gens])
-        return G_in, torch.stack([g[1] for g in gens]), _flat(G_in)
+        return _stack(gens)
     key = tuple(id(g) for pair in gens for g in pair)
     hit = _STACK_CACHE.get(key)
     if hit is not None and all(r() is g for r, g in zip(hit[0], (g for pair in gens for g in pair))):
         return hit[1], hit[2], hit[3]
-    G_in, G_out = torch.stack([g[0] for g in gens]), torch.stack([g[1] for g in gens])
-    G_in_flat = _flat(G_in)
+    G_in, G_out, G_in_flat = _stack(gens)
     _STACK_CACHE.pop(key, None)
     while len(_STACK_CACHE) >= _STACK_CACHE_SIZE:
         del _STACK_CACHE[next(iter(_STACK_CACHE))]

@@ -177,9 +177,8 @@ def _check_not_escaped(recorded: dict[str, Any], name: str, layer: RelaxedModule
     """A forward under a torch.func transform (vmap, grad, jacrev) records the transform's wrapped tensors;
     outside that transform they are dead, and functorch's own error would not say why."""
     functorch = getattr(torch._C, "_functorch", None)
-    if functorch is None or not hasattr(functorch, "is_functorch_wrapped_tensor"):
-        return
-    if under_func_transform():  # inside a transform: its tensors are alive
+    # inside a transform its tensors are alive
+    if functorch is None or not hasattr(functorch, "is_functorch_wrapped_tensor") or under_func_transform():
         return
     if any(isinstance(v, Tensor) and functorch.is_functorch_wrapped_tensor(v) for v in recorded.values()):
         raise RelaxError(

@@ -476,4 +476,3 @@ def test_graph_sizes_cache_follows_the_batch_vector_and_its_in_place_changes():
         inf_batch = torch.tensor([0, 0, 1, 1, 1, 1])
         assert torch.allclose(center_positions(pos, inf_batch), centred_by_hand(inf_batch))
     assert pyg_term._SIZES["last"][0] is other
-

@@ -177,6 +177,7 @@ def test_torch_compile_of_a_whole_training_step_with_the_penalty_matches_eager()
     for p, g in zip(model.parameters(), want):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
 
+
 def test_bf16_autocast_on_cpu():
     model = make_model()
     rp.set_theta(model, 1.0)
