@@ -1,10 +1,15 @@
-"""Whether a layer might update its inputs in place (then a relaxation must clone what it reads)."""
+"""How a relaxation reads the base layer's call: whether the layer might update its inputs in place
+(then what the relaxation reads must be cloned), the name its input may be passed by, and whether
+hooks wait on its ``__call__``."""
 
 from __future__ import annotations
 
-from torch import nn
+import inspect
 
-__all__ = ["PURE_LIBRARIES", "may_modify_inputs"]
+from torch import nn
+from torch.nn.modules import module as _module
+
+__all__ = ["PURE_LIBRARIES", "may_modify_inputs", "first_arg_name", "has_call_hooks"]
 
 #: top-level packages whose layers never update their inputs in place (checked by exact class module)
 PURE_LIBRARIES = frozenset({"torch", "e3nn", "escnn"})
@@ -33,3 +38,36 @@ def may_modify_inputs(base: nn.Module, pure: tuple[type, ...] = ()) -> bool:
     if cls in pure:
         return False
     return cls.__module__.split(".", 1)[0] not in PURE_LIBRARIES
+
+
+def first_arg_name(module: nn.Module, default: str = "x") -> str:
+    """The name of the first argument of ``module.forward`` (after ``self``): the keyword a user may
+    pass the layer's input by (e3nn's ``o3.Linear(features=...)``, escnn's ``R2Conv(input=...)``).
+
+    Example:
+        >>> first_arg_name(nn.Linear(2, 2)), first_arg_name(nn.Identity())
+        ('input', 'input')
+    """
+    params = list(inspect.signature(type(module).forward).parameters)
+    return params[1] if len(params) > 1 else default
+
+
+def has_call_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks (its own or global forward / backward hooks): a term
+    that computes the layer's output itself instead of calling it must then call it, or the user's
+    hooks would silently stop running.
+
+    Example:
+        >>> layer = nn.Linear(2, 2)
+        >>> before = has_call_hooks(layer)
+        >>> handle = layer.register_forward_hook(lambda m, args, out: None)
+        >>> before, has_call_hooks(layer)
+        (False, True)
+        >>> handle.remove()
+    """
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+           getattr(module, "_backward_pre_hooks", None))
+    # the global registries are private to torch.nn.modules.module: read defensively
+    shared = (getattr(_module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+    return any(bool(h) for h in (*own, *shared))

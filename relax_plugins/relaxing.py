@@ -128,6 +128,9 @@ def relax(
     A layer object used at several places (tied weights) gets one wrapper, installed at every use: the
     relaxation is tied too (its penalty sees the inputs of the last use that ran).
 
+    Whatever error ends a call leaves the model, and the random number generators that low-rank
+    factors are drawn from, as they were before it.
+
     Returns:
         ``model`` itself (or the wrapper if the root was relaxed).
 
@@ -151,10 +154,20 @@ def relax(
         True
     """
     check_module(model, "model")
-    # under torch.inference_mode the new W and θ would be inference tensors, which training cannot update
-    with torch.inference_mode(False):
-        return _relax(model, adapters, include, exclude, rank, init_std, penalty_samples, adapter_options,
-                      example_inputs)
+    # terms draw their initial factors before the last checks can fail: a failed call must leave the
+    # random streams as it found them, as it leaves the model
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        # under torch.inference_mode the new W and θ would be inference tensors, which training cannot update
+        with torch.inference_mode(False):
+            return _relax(model, adapters, include, exclude, rank, init_std, penalty_samples, adapter_options,
+                          example_inputs)
+    except BaseException:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        raise
 
 
 def _relax(model: nn.Module, adapters: Any, include: Any, exclude: Any, rank: Any, init_std: Any,

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 from .contract import CAPABILITIES, RelaxationTerm
-from .inplace import PURE_LIBRARIES, may_modify_inputs  # noqa: F401  (re-exported)
+from .inplace import PURE_LIBRARIES, first_arg_name, has_call_hooks, may_modify_inputs  # noqa: F401  (re-exported)
 from .linear import LinearRelaxation
 from .lowrank import low_rank_apply, low_rank_moments
 from .moments import PenaltyTerms, moment_penalties, under_func_transform
@@ -30,6 +30,8 @@ __all__ = [
     "PenaltyTerms",
     "moment_penalties",
     "may_modify_inputs",
+    "first_arg_name",
+    "has_call_hooks",
     "low_rank_apply",
     "low_rank_moments",
     "under_func_transform",

@@ -553,6 +553,19 @@ def test_reports_leave_model_state_alone():
     assert set(report["layers"]) == {"0", "3"}
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["unmatched-include", "tied-layer-half-selected"])
+def test_failed_relax_leaves_the_random_stream_alone(tied):
+    # low-rank factors are drawn while the terms are built, before the last checks can fail
+    layer = SO2Linear(2, 2)
+    model = nn.Sequential(layer, nn.Tanh(), layer if tied else SO2Linear(2, 2))
+    torch.manual_seed(0)
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match="same object" if tied else "match no module"):
+        rp.relax(model, rank=1, include=["0"] if tied else ["0", "typo"])
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not any(True for _ in rp.relaxed_modules(model))
+
+
 # -- fixed silent-wrong cases ------------------------------------------------------------------
 def test_tied_layer_is_relaxed_at_every_use_and_projected_back():
     layer = SO2Linear(2, 2)

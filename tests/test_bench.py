@@ -17,3 +17,11 @@ def test_overhead_benchmark_runs(tmp_path):
         assert r["inference_identical_outputs"] and r["projected_classes_match"] and r["projected_keys_match"]
         assert {row["penalty_every"] for row in r["arms"].values()} == {0, 1, 4}
         assert all(row["step_ms"] > 0 and row["saved_bytes"] > 0 for row in r["arms"].values())
+
+
+def test_floor_benchmark_runs(tmp_path):
+    from examples.bench import floor
+
+    result = floor.main(["--steps", "1", "--out", str(tmp_path)])
+    assert all((tmp_path / f"floor.{ext}").exists() for ext in ("json", "md"))
+    assert len(result["arms"]) == 7 and all(row["step_ms"] > 0 for row in result["arms"].values())

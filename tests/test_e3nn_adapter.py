@@ -416,6 +416,17 @@ def test_gates_on_request_and_empty_fibres_are_skipped():
     assert [n for n, _ in rp.relaxed_modules(relaxed)] == ["0", "1.mul", "2"]
 
 
+def test_norm_nonlinearities_are_skipped_like_gates():
+    # NormActivation and o3.Norm hold weightless products, part of the activation as a Gate's is
+    from e3nn.nn import NormActivation
+
+    model = nn.Sequential(o3.Linear("2x0e + 2x1o", "2x0e + 2x1o"), NormActivation("2x0e + 2x1o", torch.tanh),
+                          o3.Norm("2x0e + 2x1o"), o3.Linear("4x0e", "1x0e"))
+    assert [n for n, _ in rp.relaxed_modules(rp.relax(copy.deepcopy(model)))] == ["0", "3"]
+    relaxed = rp.relax(model, adapter_options={"e3nn": {"e3nn_relax_gates": True}})
+    assert [n for n, _ in rp.relaxed_modules(relaxed)] == ["0", "1.norm.tp", "1.scalar_multiplier", "2.tp", "3"]
+
+
 def test_linear_with_f_in_is_refused():
     model = nn.Sequential(o3.Linear("1x1o", "1x1o", f_in=2, f_out=3))
     with pytest.raises(rp.AdapterError, match="f_in"):

@@ -406,6 +406,29 @@ def test_relaxed_state_dict_round_trip_across_modes(src_train, dst_train):
         assert torch.allclose(dst(x).tensor, src(x).tensor, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["backbone", "base", "database"])
+def test_relaxed_state_dict_across_modes_whatever_the_modules_are_called(name):
+    # escnn's cache keys are recognised under the wrapper's own prefix, not at the first "base."
+    # of the key: a submodule called base (or database) above the wrapper must not hide them
+    def net() -> torch.nn.Module:
+        root = torch.nn.Module()
+        model, _, _ = build("C4", torch.float32, k=3)
+        setattr(root, name, model)
+        return rp.relax(root)
+
+    src, dst = net(), net()
+    randomise(getattr(src, name))
+    with torch.no_grad():
+        src.train()
+        dst.eval()
+    assert any(k.endswith(".base.filter") for k in dst.state_dict())  # eval mode: the cache is in the keys
+    dst.load_state_dict(src.state_dict(), strict=True)
+    src.eval()
+    dst.train()
+    dst.load_state_dict(src.state_dict(), strict=True)  # and the other way round
+    assert "_load_prefix" not in vars(getattr(dst, name)[0])  # nothing left behind by the load
+
+
 def test_load_state_dict_helper_for_plain_escnn_models():
     src, t_in, _ = build("C8", torch.float32, k=3)
     dst, _, _ = build("C8", torch.float32, k=3)
@@ -602,3 +625,54 @@ def test_penalty_and_report_outside_autocast_after_an_autocast_forward(activatio
     assert p.dtype == torch.float32 and bool(torch.isfinite(p))
     report = rp.projection_report(model)["2"]
     assert math.isfinite(report["relax_ratio"]) and math.isfinite(report["rel_output_error"])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_hooks_on_a_relaxed_convolution_still_run(train):
+    # the relaxed convolution normally folds θ·K into one convolution without calling the layer;
+    # with hooks on the layer it calls it, so the hooks run and the output is still f(x) + θ·K * x
+    torch.manual_seed(0)
+    model, t_in, _ = build("C4", torch.float64, k=3)
+    rp.relax(model)
+    randomise(model)
+    rp.set_theta(model, 0.5)
+    model.train(train)
+    x = smooth_input(t_in, 2, 9, torch.float64)
+    layer = model[0]
+    with torch.no_grad():
+        expected = layer(x).tensor
+    conv = layer.base
+    calls = []
+    handles = [conv.register_forward_pre_hook(lambda m, args: calls.append("pre")),
+               conv.register_forward_hook(lambda m, args, out: calls.append("post"))]
+    with torch.no_grad():
+        got = layer(x).tensor
+    assert calls == ["pre", "post"]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    for h in handles:
+        h.remove()
+    # a hook that changes the output changes the relaxed output by the same amount
+    conv.register_forward_hook(lambda m, args, out: enn.GeometricTensor(out.tensor + 1.0, out.type))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).tensor, expected + 1.0, rtol=1e-10, atol=1e-12)
+
+
+def test_relaxed_escnn_layers_take_their_input_by_keyword():
+    from escnn import group
+
+    gs = gspaces.rot2dOnR2(4)
+    t_in, t_out = enn.FieldType(gs, [gs.trivial_repr]), enn.FieldType(gs, [gs.regular_repr])
+    conv = enn.SequentialModule(enn.R2Conv(t_in, t_out, 3))
+    g = gspaces.no_base_space(group.cyclic_group(4))
+    t = enn.FieldType(g, [g.regular_repr])
+    lin = enn.SequentialModule(enn.Linear(t, t))
+    for model, x in ((conv, enn.GeometricTensor(torch.randn(2, 1, 7, 7), t_in)),
+                     (lin, enn.GeometricTensor(torch.randn(3, 4), t))):
+        rp.relax(model)
+        randomise(model)
+        rp.set_theta(model, 0.5)
+        layer = model[0]
+        with torch.no_grad():
+            assert torch.equal(layer(input=x).tensor, layer(x).tensor)
+    with pytest.raises(TypeError, match="one GeometricTensor"):
+        conv[0](x=enn.GeometricTensor(torch.randn(2, 1, 7, 7), t_in))

@@ -82,6 +82,9 @@ def test_low_rank_apply_gradcheck(with_theta, blocks, d_in, d_out, monkeypatch):
         return low_rank_apply(x_, A_, B_, th_, M_, max(blocks, 1))
 
     assert torch.autograd.gradcheck(f, inputs)
+    if blocks != 1:  # differentiable twice (force training takes create_graph=True); with one 72 × 72
+        # block M has 5184 entries, which make a second-order check take 15 s and add nothing here
+        assert torch.autograd.gradgradcheck(f, inputs)
     # the path taken: the factors' own autograd node (B·A never formed), or a plain GEMM with B·A
     fn = f(*inputs).grad_fn
     while type(fn).__name__ in ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0"):

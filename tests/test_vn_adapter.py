@@ -298,6 +298,35 @@ def test_relaxed_vnlinear_matches_reference(dtype, spatial):
     assert rel_err(model(x), ref) < tol
 
 
+@pytest.mark.parametrize("rank", [None, 2])
+def test_relaxed_channel_map_still_runs_the_users_hooks_and_subclass_forward(rank):
+    # the relaxed map folds W into one product with the nn.Linear's weight only for torch's own
+    # Linear.forward and no hooks: otherwise it calls the layer (hooks run, a subclass's forward counts)
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64)
+    for cls in (nn.Linear, Scaled):
+        layer = VNLinear(6, 6).double()
+        layer.map_to_feat = cls(6, 6, bias=False).double()
+        model = rp.relax(nn.Sequential(layer), adapters=["vn"], rank=rank, init_std=0.2)
+        rp.set_theta(model, 0.5)
+        expected = model(x)
+        relaxed = model[0].map_to_feat
+        calls = []
+        handle = relaxed.base.register_forward_hook(lambda m, args, out: calls.append(out.shape))
+        torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+        assert len(calls) == 1
+        handle.remove()
+        # the relaxed output is the layer's own output plus θ·W·x, whatever the layer computes
+        delta = relaxed.term.apply_weight(relaxed.term.to_fibre(x.transpose(1, -1)), relaxed.theta)
+        base_out = layer.map_to_feat.base(x.transpose(1, -1))
+        ref = (base_out + relaxed.term.from_fibre(delta, base_out)).transpose(1, -1)
+        torch.testing.assert_close(expected, ref, rtol=1e-10, atol=1e-12)
+
+
 def test_layout_mismatch_raises():
     model = rp.relax(nn.Sequential(VNLinear(3, 4)), adapters=["vn"])
     with pytest.raises(ValueError, match="xyz on axis"):

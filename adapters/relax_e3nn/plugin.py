@@ -28,8 +28,8 @@ def relax_make_term(
 
     Adapter options (``relax(model, adapter_options={"e3nn": {...}})``, see :func:`relax_adapter_options`):
     ``e3nn_tensor_products`` (default True) — set False to relax only the ``o3.Linear`` layers;
-    ``e3nn_relax_gates`` (default False) — also relax the parameter-free tensor product inside
-    ``e3nn.nn.Gate``; ``subgroup``.
+    ``e3nn_relax_gates`` (default False) — also relax the parameter-free tensor products inside
+    e3nn's nonlinearities (``e3nn.nn.Gate``, ``e3nn.nn.NormActivation``, ``o3.Norm``); ``subgroup``.
 
     Example:
         >>> import torch, e3nn.o3 as o3, relax_plugins as rp
@@ -45,7 +45,7 @@ def relax_make_term(
     if not (is_linear or (isinstance(module, o3.TensorProduct) and options.get("e3nn_tensor_products", True))):
         return None
     if not is_linear and not options.get("e3nn_relax_gates", False) and _inside_gate(root, name):
-        return None  # the weightless multiplication of a Gate is not a learnable layer
+        return None  # the weightless products of a Gate or a norm nonlinearity are not learnable layers
     if (module.irreps_in if is_linear else module.irreps_in1).dim == 0 or module.irreps_out.dim == 0:
         return None  # an empty fibre (e.g. the product of a Gate without gated irreps): W would have no entries
     kw = {"rank": options.get("rank"), "init_std": float(options.get("init_std", 0.0))}
@@ -63,11 +63,15 @@ def relax_make_term(
 
 
 def _inside_gate(root: nn.Module | None, name: str) -> bool:
-    e3nn_nn = sys.modules.get("e3nn.nn")
+    """Whether the layer ``name`` sits inside one of e3nn's nonlinearities (``Gate``,
+    ``NormActivation``, ``o3.Norm``), whose weightless products are part of the activation."""
+    e3nn_nn, e3nn_o3 = sys.modules.get("e3nn.nn"), sys.modules.get("e3nn.o3")
     if e3nn_nn is None or root is None or not name:
         return False
+    kinds = tuple(k for k in (getattr(e3nn_nn, "Gate", None), getattr(e3nn_nn, "NormActivation", None),
+                              getattr(e3nn_o3, "Norm", None)) if isinstance(k, type))
     parts = name.split(".")
-    return any(isinstance(root.get_submodule(".".join(parts[:i])), e3nn_nn.Gate) for i in range(len(parts)))
+    return any(isinstance(root.get_submodule(".".join(parts[:i])), kinds) for i in range(len(parts)))
 
 
 @hookimpl
@@ -80,7 +84,8 @@ def relax_adapter_options() -> dict[str, AdapterOption]:
     """
     return {
         "e3nn_tensor_products": AdapterOption(bool, True, "relax o3.TensorProduct layers too (False: o3.Linear only)"),
-        "e3nn_relax_gates": AdapterOption(bool, False, "also relax the weightless tensor product inside e3nn.nn.Gate"),
+        "e3nn_relax_gates": AdapterOption(bool, False, "also relax the weightless tensor products inside "
+                                         "e3nn.nn.Gate, e3nn.nn.NormActivation and o3.Norm"),
         "subgroup": AdapterOption(str, None, f"relax O(3) only down to this subgroup, one of {SUBGROUPS}"),
     }
 

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -25,16 +24,11 @@ from torch import Tensor, nn
 from relax_plugins import LinearRelaxation
 from relax_plugins.irreps import SchurProjection
 from relax_plugins.symmetry import OneGeneratorProjector
-from relax_plugins.term import may_modify_inputs
+from relax_plugins.term import first_arg_name, may_modify_inputs
 
 from .irreps import irrep_pairs, irreps_fibre, irreps_projection, irreps_symmetry
 
 __all__ = ["E3nnRelaxation", "E3nnLinearRelaxation", "E3nnTensorProductRelaxation"]
-
-
-def _first_arg_name(module: nn.Module) -> str:
-    params = list(inspect.signature(type(module).forward).parameters)
-    return params[1] if len(params) > 1 else "x"
 
 
 SO2_AXES = {"SO(2)": 2, "SO(2)_x": 0, "SO(2)_y": 1, "SO(2)_z": 2}
@@ -164,7 +158,7 @@ class E3nnLinearRelaxation(E3nnRelaxation):
                  subgroup: str | nn.Module | None = None) -> None:
         if getattr(linear, "internal_weights", False) and linear.weight.dim() > 1:
             raise ValueError("o3.Linear with f_in/f_out (batched feature channels) is not supported")
-        super().__init__(linear.irreps_in, linear.irreps_out, _first_arg_name(linear), rank=rank, init_std=init_std,
+        super().__init__(linear.irreps_in, linear.irreps_out, first_arg_name(linear), rank=rank, init_std=init_std,
                          subgroup=subgroup)
         # per-sample weights come from outside: nothing in the layer can hold θ·P(W)
         self.can_merge = bool(getattr(linear, "internal_weights", False)) and linear.weight_numel > 0
@@ -229,7 +223,7 @@ class E3nnTensorProductRelaxation(E3nnRelaxation):
 
     def __init__(self, tp: nn.Module, rank: int | None = None, init_std: float = 0.0,
                  subgroup: str | nn.Module | None = None) -> None:
-        super().__init__(tp.irreps_in1, tp.irreps_out, _first_arg_name(tp), rank=rank, init_std=init_std,
+        super().__init__(tp.irreps_in1, tp.irreps_out, first_arg_name(tp), rank=rank, init_std=init_std,
                          subgroup=subgroup)
 
     can_merge = False  # bilinear: W·x1 is not a tensor product of x1 and x2 (see the module docstring)

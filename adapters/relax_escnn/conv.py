@@ -35,6 +35,7 @@ from escnn.nn.modules.conv.rd_convolution import _RdConv
 from torch import Tensor, nn
 
 from relax_plugins import PenaltyTerms, RelaxationTerm
+from relax_plugins.term import first_arg_name, has_call_hooks
 
 from .basis import BasisProjector, eval_cache_delta, refresh_eval_cache
 
@@ -167,6 +168,7 @@ class ConvRelaxation(RelaxationTerm):
             "output_padding": getattr(conv, "output_padding", 0),
         }
         self.transposed = _is_transposed(conv)
+        self.arg_name = first_arg_name(conv, "input")  # escnn's own layers: R2Conv(input=...)
         self.d = int(conv.d)
         self.kernel_size = int(conv.kernel_size)
         shape = tuple(conv.filter.shape) if hasattr(conv, "filter") else None
@@ -243,18 +245,22 @@ class ConvRelaxation(RelaxationTerm):
         return fn(x, filt, bias=bias, stride=g["stride"], dilation=g["dilation"], groups=g["groups"])
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, base: _RdConv, theta: Tensor, x: GeometricTensor, *args: Any, **kwargs: Any) -> GeometricTensor:
-        if args or kwargs:
-            raise TypeError("escnn convolutions take one GeometricTensor")
+    def forward(self, base: _RdConv, theta: Tensor, *args: Any, **kwargs: Any) -> GeometricTensor:
+        name = self.__dict__.get("arg_name", "input")  # terms pickled before it existed: escnn's name
+        if len(args) + len(kwargs) != 1 or (kwargs and name not in kwargs):
+            raise TypeError(f"escnn convolutions take one GeometricTensor ({name!r}), got {len(args)} positional "
+                            f"and keyword arguments {sorted(kwargs)}")
+        x = args[0] if args else kwargs[name]
         if not isinstance(x, GeometricTensor) or x.type != base.in_type:
             raise TypeError(f"expected a GeometricTensor of type {base.in_type}")
-        if base.training:
-            filt, bias = base.expand_parameters()
-        else:
-            filt, bias = base.filter, base.expanded_bias
         K = self.kernel()
-        # one convolution with the summed kernels (a second convolution would double the cost)
-        out = self._conv(x.tensor, filt + theta.to(K.dtype) * K, bias)
+        if has_call_hooks(base):  # the user's hooks on the layer run only if the layer itself is called
+            y = base(*args, **kwargs)
+            out = y.tensor + self._conv(x.tensor, theta.to(K.dtype) * K, None)
+        else:
+            filt, bias = base.expand_parameters() if base.training else (base.filter, base.expanded_bias)
+            # one convolution with the summed kernels (a second convolution would double the cost)
+            out = self._conv(x.tensor, filt + theta.to(K.dtype) * K, bias)
         self.remember("_x", x.tensor.detach())
         self.remember("_samples", out.shape[0] * math.prod(out.shape[2:]))
         self.remember("_y_norm", out.detach().norm())

@@ -16,6 +16,7 @@ from escnn.nn import GeometricTensor
 from torch import Tensor, nn
 
 from relax_plugins import LinearRelaxation
+from relax_plugins.term import first_arg_name
 
 from .basis import BasisProjector, eval_cache_delta, refresh_eval_cache
 from .groups import fibre_symmetry
@@ -47,9 +48,10 @@ class EscnnLinearRelaxation(LinearRelaxation):
     def __init__(self, linear: nn.Module, rank: int | None = None, init_std: float = 0.0) -> None:
         super().__init__(fibre_symmetry(linear.in_type, linear.out_type), rank=rank, init_std=init_std)
         self.projector = BasisProjector(linear.basisexpansion, linear.out_type.size, linear.in_type.size)
+        self.arg_name = first_arg_name(linear, "input")  # escnn's own layers: Linear(input=...)
 
     def take_input(self, args: tuple, kwargs: dict) -> Tensor:
-        return args[0].tensor
+        return (args[0] if args else kwargs[getattr(self, "arg_name", "input")]).tensor
 
     def output_tensor(self, out: Any) -> Tensor:
         return out.tensor

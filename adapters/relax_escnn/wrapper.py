@@ -105,12 +105,16 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: boo
 
 
 def _ignore_cache_keys(module: nn.Module, incompatible: Any) -> None:
-    """load_state_dict post-hook of the wrapper: the cache keys are derived, not state."""
+    """load_state_dict post-hook of the wrapper: the cache keys are derived, not state.
+
+    The keys are those of the whole load; this wrapper's own are under the prefix its
+    ``_load_from_state_dict`` was called with just before (a module named ``base`` or
+    ``database`` above it must not be mistaken for the wrapper's ``base``)."""
+    own = module.__dict__.pop("_load_prefix", "") + "base."
     prefix_names = {n for n, _ in _cached_layers(module.base)}
     for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
         for k in list(keys):
-            _, _, rest = k.partition("base.")
-            if "base." in k and _is_cache_key(rest, prefix_names):
+            if k.startswith(own) and _is_cache_key(k[len(own):], prefix_names):
                 keys.remove(k)
     _refresh(module.base)
 
@@ -129,6 +133,10 @@ class RelaxedEquivariantModule(RelaxedModule, EquivariantModule):
         self.in_type = base.in_type
         self.out_type = base.out_type
         self.register_load_state_dict_post_hook(_ignore_cache_keys)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_load_prefix"] = prefix  # read (and dropped) by _ignore_cache_keys
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def evaluate_output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         return self.base.evaluate_output_shape(input_shape)

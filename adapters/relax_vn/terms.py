@@ -11,7 +11,7 @@ from relax_plugins import LinearRelaxation, PenaltyTerms, Symmetry
 from relax_plugins._checks import check_int
 from relax_plugins.irreps import Fibre, SchurProjection, so3_basis
 from relax_plugins.symmetry import KronGenerators
-from relax_plugins.term import low_rank_apply, may_modify_inputs
+from relax_plugins.term import has_call_hooks, low_rank_apply, may_modify_inputs
 
 __all__ = ["DEFAULT_PENALTY_SAMPLES", "DEFAULT_PENALTY_ROWS", "VNLinearRelaxation", "vn_symmetry"]
 
@@ -176,7 +176,10 @@ class VNLinearRelaxation(LinearRelaxation):
         x = self.take_input(args, kwargs)
         xf = self.to_fibre(x)
         self.remember("_x", xf.detach())
-        fusable = not kwargs and len(args) == 1 and isinstance(base, nn.Linear) and base.bias is None
+        # the base map computed here, in one product with W: only for torch's own Linear.forward
+        # (a subclass may compute something else) and when no hook waits on the layer's call
+        fusable = (not kwargs and len(args) == 1 and isinstance(base, nn.Linear) and base.bias is None
+                   and type(base).forward is nn.Linear.forward and not has_call_hooks(base))
         factors = self.factors()
         if self._exactly_base(theta):
             # exactly the base layer: relax() and θ = 0 must not change outputs
