@@ -308,14 +308,15 @@ def test_relaxed_channel_map_still_runs_the_users_hooks_and_subclass_forward(ran
 
     torch.manual_seed(0)
     x = torch.randn(2, 6, 3, 5, dtype=torch.float64)
+    calls = []
     for cls in (nn.Linear, Scaled):
+        calls.clear()
         layer = VNLinear(6, 6).double()
         layer.map_to_feat = cls(6, 6, bias=False).double()
         model = rp.relax(nn.Sequential(layer), adapters=["vn"], rank=rank, init_std=0.2)
         rp.set_theta(model, 0.5)
         expected = model(x)
         relaxed = model[0].map_to_feat
-        calls = []
         handle = relaxed.base.register_forward_hook(lambda m, args, out: calls.append(out.shape))
         torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
         assert len(calls) == 1

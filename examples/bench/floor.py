@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 import relax_plugins as rp
-from examples.bench.overhead import CYCLE, _quartiles, _segnn
+from examples.bench.overhead import CYCLE, _quartiles, _segnn, timed_cycle
 
 
 def hand_relaxed(base: nn.Module, names: list[str], rank: int | None, theta: float) -> nn.Module:
@@ -82,16 +81,7 @@ def measure(steps: int, rank: int = 4) -> dict:
     times: dict[str, list[float]] = {k: [] for k in arms}
 
     def cycle(label: str) -> float:
-        model, opt = arms[label], opts[label]
-        t0 = time.perf_counter()
-        for _ in range(CYCLE):
-            loss = spec.loss(model(*inputs), target)
-            if label in runs:
-                loss = loss + runs[label].penalty()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return (time.perf_counter() - t0) / CYCLE
+        return timed_cycle(arms[label], opts[label], spec, inputs, target, runs.get(label))
 
     for label in arms:
         cycle(label)

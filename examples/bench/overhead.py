@@ -173,6 +173,26 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 CYCLE = 4
 
 
+def timed_cycle(model: nn.Module, opt: torch.optim.Optimizer, spec: Spec, inputs: tuple, target: Tensor,
+                run: rp.RelaxedTraining | None = None, device: torch.device | None = None) -> float:
+    """Seconds per optimiser step (forward, loss, penalty when ``run`` is given, backward, Adam),
+    averaged over one cycle of :data:`CYCLE` steps."""
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(CYCLE):
+        loss = spec.loss(model(*inputs), target)
+        if run is not None:
+            loss = loss + run.penalty()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / CYCLE
+
+
 def measure(spec: Spec, steps: int, device: torch.device) -> dict:
     torch.manual_seed(0)
     base = spec.build().to(device)
@@ -195,21 +215,7 @@ def measure(spec: Spec, steps: int, device: torch.device) -> dict:
     times: dict[str, list[float]] = {k: [] for k in arms}
 
     def cycle(label: str) -> float:
-        """Time of CYCLE optimiser steps (forward, loss, penalty, backward, Adam)."""
-        model, opt = arms[label], opts[label]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(CYCLE):
-            loss = spec.loss(model(*inputs), target)
-            if label in runs:
-                loss = loss + runs[label].penalty()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / CYCLE
+        return timed_cycle(arms[label], opts[label], spec, inputs, target, runs.get(label), device)
 
     for label in arms:  # warm-up: caches, escnn basis expansion, allocator
         cycle(label)
