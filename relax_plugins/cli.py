@@ -131,6 +131,41 @@ def checkpoint_summary(state: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
     return out
 
 
+def relax_settings(state: dict[str, torch.Tensor], layers: list[str]) -> dict[str, Any]:
+    """The ``relax()`` arguments a relaxed state_dict shows: its relaxed ``layers`` (as
+    :func:`checkpoint_summary` names them) as ``include``, and the rank of their low-rank W.
+
+    Raises:
+        CliError: the layers mix ranks (or dense and low-rank W): no single ``relax()`` call made them.
+
+    Example:
+        >>> s = {"0.theta": torch.tensor(0.5), "0.term.lora_a": torch.ones(2, 3), "0.term.lora_b": torch.ones(3, 2)}
+        >>> relax_settings(s, ["0"])
+        {'include': ['0'], 'rank': 2}
+    """
+    ranks = set()
+    for layer in layers:
+        a = state.get("term.lora_a" if layer == "<root>" else f"{layer}.term.lora_a")
+        ranks.add(None if a is None else int(a.shape[0]))
+    if len(ranks) > 1:
+        shown = sorted("dense" if r is None else f"rank {r}" for r in ranks)
+        raise CliError(f"the checkpoint's relaxed layers mix {shown}: the CLI can rebuild one relax() call only")
+    settings: dict[str, Any] = {} if layers == ["<root>"] else {"include": [_literal(n) for n in layers]}
+    rank = ranks.pop()
+    if rank is not None:
+        settings["rank"] = rank
+    return settings
+
+
+def _literal(name: str) -> str:
+    # include= takes fnmatch patterns: a module name's own [ ] * ? must match themselves
+    return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
+
+
+def _call(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in settings.items()) or "model"
+
+
 def _report(args: argparse.Namespace) -> int:
     state, where = _state_dict_of(_load_checkpoint(args.checkpoint))
     rows = checkpoint_summary(state)
@@ -146,15 +181,17 @@ def _report(args: argparse.Namespace) -> int:
     import relax_plugins as rp
 
     model = _build_model(args.model)
+    settings = relax_settings(state, [r["layer"] for r in rows])
     try:
-        model = rp.relax(model)
+        model = rp.relax(model, **settings)
     except Exception as exc:
-        raise CliError(f"--model {args.model}: relax() failed ({type(exc).__name__}: {exc})") from None
+        raise CliError(f"--model {args.model}: relax({_call(settings)}) failed ({type(exc).__name__}: {exc})") from None
     missing, unexpected = _key_mismatch(model, state)
     if missing or unexpected:
         raise CliError(
-            f"the checkpoint does not belong to --model {args.model}: {len(missing)} missing key(s) "
-            f"{missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}"
+            f"the checkpoint does not belong to --model {args.model} relaxed as relax({_call(settings)}) (the "
+            f"layers and rank its keys show; other relax() options are not stored in it): {len(missing)} "
+            f"missing key(s) {missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}"
         )
     try:
         model.load_state_dict(state)

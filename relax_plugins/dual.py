@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ._checks import check_bool, check_real
 from .api import _require_relaxed
 from .errors import NonFiniteError, NotRelaxedError
+from .relaxed import _require_still_relaxed, check_theta_fits
 
 __all__ = ["DualAscentTheta"]
 
@@ -78,6 +79,7 @@ class DualAscentTheta:
         for _, layer in self.layers:
             if isinstance(layer.theta, nn.Parameter):
                 raise ValueError("θ is already learnable (another DualAscentTheta?)")
+        check_theta_fits(init, self.layers, "init")
         for _, layer in self.layers:
             value = layer.theta.detach().clone().fill_(init)
             del layer._buffers["theta"]
@@ -94,6 +96,7 @@ class DualAscentTheta:
         return dict(self.lambdas)
 
     def _require_learning(self, what: str) -> None:
+        _require_still_relaxed(self.model, self.layers, f"DualAscentTheta.{what}()")
         done = [name or "<root>" for name, layer in self.layers if not isinstance(layer.theta, nn.Parameter)]
         if done:
             raise NotRelaxedError(f"DualAscentTheta.{what}() after finish(): θ of layer(s) {done} is a fixed "

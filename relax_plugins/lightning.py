@@ -17,7 +17,7 @@ try:
 except ImportError:  # the standalone distribution
     import pytorch_lightning as pl
 
-from ._checks import check_bool, check_choice
+from ._checks import check_bool, check_choice, check_int
 from .api import check_penalty_args, projected_state_dict, relaxed_modules
 from .schedules import Schedule, as_schedule
 from .training import OPTIONAL_STATE_KEYS, STATE_KEYS, RelaxedTraining
@@ -25,6 +25,22 @@ from .training import OPTIONAL_STATE_KEYS, STATE_KEYS, RelaxedTraining
 __all__ = ["RelaxationCallback"]
 
 _KEY = "relax_plugins"
+#: the LightningModule methods a fit patches, and where it keeps what they were (restored at teardown)
+_PATCHED = ("training_step", "on_load_checkpoint")
+_PATCH_KEY = "_relax_plugins_patched"
+_ABSENT = object()
+
+
+def _unpatch(pl_module: pl.LightningModule) -> None:
+    """Give ``pl_module`` back the methods :meth:`RelaxationCallback.setup` replaced (no-op if none)."""
+    saved = pl_module.__dict__.pop(_PATCH_KEY, None)
+    if not isinstance(saved, dict):
+        return
+    for name, value in saved.items():
+        if value is _ABSENT:
+            pl_module.__dict__.pop(name, None)  # the class's method shows through again
+        else:
+            pl_module.__dict__[name] = value
 
 
 class RelaxationCallback(pl.Callback):
@@ -66,6 +82,7 @@ class RelaxationCallback(pl.Callback):
             as_schedule(schedule, total=1)  # an unknown name fails here, not at fit start
         lie, norm, form, _ = check_penalty_args(lie, norm, form, 1e-12)
         merge = check_bool(merge, "merge")
+        penalty_every = check_int(penalty_every, "penalty_every", minimum=1, none_ok=True)
         self.schedule, self.per = schedule, per
         self.lie, self.norm, self.form, self.merge = lie, norm, form, merge
         self.penalty_every = penalty_every
@@ -74,10 +91,14 @@ class RelaxationCallback(pl.Callback):
 
     # set-up ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or getattr(pl_module, "_relax_plugins_patched", False):
+        if stage != "fit":
             return
         if not any(True for _ in relaxed_modules(pl_module)):
             raise RuntimeError("RelaxationCallback: the LightningModule holds no relaxed layer; call rp.relax first")
+        # a fit that ended without teardown (an error before training) may have left another
+        # callback's patch: this fit's callback replaces it, its own run and settings then count
+        _unpatch(pl_module)
+        saved = {name: pl_module.__dict__.get(name, _ABSENT) for name in _PATCHED}
         original_step = pl_module.training_step
         original_load = pl_module.on_load_checkpoint
 
@@ -100,7 +121,14 @@ class RelaxationCallback(pl.Callback):
 
         pl_module.training_step = training_step
         pl_module.on_load_checkpoint = on_load_checkpoint
-        pl_module._relax_plugins_patched = True
+        pl_module.__dict__[_PATCH_KEY] = saved
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            _unpatch(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        _unpatch(pl_module)  # Lightning skips teardown after an error: the module must not keep the patch
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if isinstance(self.schedule, Schedule):

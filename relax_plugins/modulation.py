@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ._checks import check_int, check_real
 from .api import _require_relaxed
 from .errors import NonFiniteError
+from .relaxed import _require_still_relaxed, check_theta_fits
 from .term import LinearRelaxation
 
 __all__ = ["LearnedModulation"]
@@ -84,11 +85,13 @@ class LearnedModulation:
                                 f"got {type(layer.term).__name__}")
             if isinstance(layer.theta, nn.Parameter):
                 raise ValueError(f"layer {name!r}: θ is already learnable (a DualAscentTheta is attached)")
+        check_theta_fits(self.theta_max, self.layers, "theta_max")
         self.thetas = {name: self.theta_max for name, _ in self.layers}
         self.shares = {name: 0.0 for name, _ in self.layers}
         self._write_thetas()
 
     def _write_thetas(self) -> None:
+        _require_still_relaxed(self.model, self.layers, "LearnedModulation")
         with torch.no_grad():
             for name, layer in self.layers:
                 layer.theta.fill_(self.thetas[name])

@@ -63,6 +63,22 @@ def _require_relaxed(model: nn.Module, what: str) -> list[tuple[str, RelaxedModu
     return found
 
 
+def _require_still_relaxed(model: nn.Module, layers: list[tuple[str, RelaxedModule]], what: str) -> None:
+    """NotRelaxedError unless every one of ``layers`` (found in ``model`` earlier) is still in its place:
+    a policy holding them must not go on moving θ of layers that ``project()`` took out."""
+    gone = []
+    for name, layer in layers:
+        try:
+            here = model.get_submodule(name) if name else model
+        except AttributeError:
+            here = None
+        if here is not layer:
+            gone.append(name or "<root>")
+    if gone:
+        raise NotRelaxedError(f"{what}: layer(s) {gone} are no longer relaxed layers of the model (projected or "
+                              "replaced since this object was made); make a new one for a re-relaxed model")
+
+
 def _check_theta(value: Any, name: str = "θ") -> float:
     return check_real(value, name, minimum=0.0)
 

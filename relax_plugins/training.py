@@ -302,8 +302,8 @@ class RelaxedTraining:
         return repr(self.schedule) if self.policy is None else type(self.policy).__name__
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a state of another run (other keys, schedule or position past the
-        end) raises before anything changes."""
+        """Restore :meth:`state_dict`; a state of another run (other keys or schedule) raises before
+        anything changes."""
         if not isinstance(state, dict) or set(state) - OPTIONAL_STATE_KEYS != STATE_KEYS:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"not a RelaxedTraining state: expected keys ['history', 'position', 'schedule'], "
@@ -312,10 +312,8 @@ class RelaxedTraining:
             raise ValueError(f"checkpoint was made with {state['schedule']}, this run uses {self._schedule_name()}")
         if ("policy" in state) != (self.policy is not None):
             raise ValueError("checkpoint and run disagree on whether θ is learned by a policy")
+        # past the schedule's end is a state advance() makes (θ stays 0 there): it loads as it was saved
         position = check_int(state["position"], "state['position']", minimum=0)
-        end = self.schedule.total if self.policy is None else self.total
-        if end is not None and position > end:
-            raise ValueError(f"state['position'] = {position} is past the schedule's end ({end})")
         history = state["history"]
         if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
             raise ValueError("state['history'] must be a list of dicts")

@@ -88,6 +88,33 @@ def test_report_good_checkpoint(ckpt, capsys, tmp_path):
     assert (tmp_path / "r.json").is_file()
 
 
+def two_layer_model() -> nn.Sequential:
+    """--model factory: two relaxable layers."""
+    return nn.Sequential(SO2Linear(2, 2), SO2Linear(2, 2))
+
+
+@pytest.mark.parametrize("options", [{"rank": 1, "init_std": 0.1}, {"include": ["1"]}, {"include": ["1"], "rank": 2}],
+                         ids=["rank", "include", "both"])
+def test_report_rebuilds_rank_and_layers_from_the_checkpoint(options, tmp_path, capsys):
+    model = rp.relax(two_layer_model(), **options)
+    rp.set_theta(model, 0.5)
+    path = tmp_path / "relaxed.pt"
+    torch.save(model.state_dict(), path)
+    code, out, err = run_cli(capsys, "report", str(path), "--model", "tests.test_bad_inputs_cli:two_layer_model")
+    assert code == 0, err
+    layers = [line.split()[0] for line in out.splitlines()[2:] if line.strip()]
+    assert layers == (["1"] if "include" in options else ["0", "1"])
+
+
+def test_report_refuses_mixed_ranks_with_a_clear_message(tmp_path, capsys):
+    state = {**{f"0.{k}": v for k, v in rp.relax(nn.Sequential(SO2Linear(2, 2)), rank=1)[0].state_dict().items()},
+             **{f"1.{k}": v for k, v in rp.relax(nn.Sequential(SO2Linear(2, 2)))[0].state_dict().items()}}
+    path = tmp_path / "mixed.pt"
+    torch.save(state, path)
+    code, _, err = run_cli(capsys, "report", str(path), "--model", "tests.test_bad_inputs_cli:two_layer_model")
+    assert code == 2 and "mix" in err
+
+
 class _OwnTheta(nn.Module):
     """A user's layer with parameters named theta (not relaxation's)."""
 

@@ -114,3 +114,29 @@ def test_finish_twice_raises_not_relaxed_and_changes_nothing(resilient):
     run.finish()
     with pytest.raises(rp.NotRelaxedError):
         run.finish()
+
+
+def test_policies_refuse_a_theta_the_model_dtype_cannot_hold():
+    # as set_theta and RelaxedTraining do: float16 tops out at 65504, beyond it θ would be inf
+    for make in (lambda m: rp.DualAscentTheta(m, init=1e5), lambda m: rp.LearnedModulation(m, theta_max=1e5)):
+        model = rp.relax(nn.Sequential(SO2Linear(1, 1))).half()
+        with pytest.raises(ValueError, match="does not fit"):
+            make(model)
+        assert not isinstance(model[0].theta, nn.Parameter) and float(model[0].theta) == 0.0
+
+
+def test_policies_refuse_layers_that_project_took_out():
+    x = torch.randn(8, 4)
+    model = rp.relax(nn.Sequential(SO2Linear(2, 2), SO2Gate(), SO2Linear(2, 2)))
+    dual = rp.DualAscentTheta(model, init=0.5)
+    model(x)
+    rp.project(model)
+    for call in (dual.penalty, dual.step, dual.finish):
+        with pytest.raises(rp.NotRelaxedError, match="no longer relaxed"):
+            call()
+    model = rp.relax(nn.Sequential(SO2Linear(2, 2), SO2Gate(), SO2Linear(2, 2)))
+    modulation = rp.LearnedModulation(model, theta_max=0.5)
+    model(x)
+    rp.project(model)
+    with pytest.raises(rp.NotRelaxedError, match="no longer relaxed"):
+        modulation.step()

@@ -106,3 +106,29 @@ def test_callback_passes_a_skipped_batch_through(tmp_path):
     rp.relax(module.net)
     trainer(tmp_path, 2, [RelaxationCallback("triangular", per="step", penalty_every=1)]).fit(module, loader())
     assert len(module.thetas) == 8 and type(module.net[0]) is SO2Linear  # ran to the end, projected
+
+
+def test_a_failed_fit_and_a_second_fit_use_their_own_callback(tmp_path):
+    # a fit that fails at start leaves no patch behind, and a later callback's run and settings count
+    module = Module()
+    rp.relax(module.net)
+    epochs_none = pl.Trainer(max_epochs=-1, max_steps=-1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path,
+                             callbacks=[RelaxationCallback(per="epoch")])
+    with pytest.raises(ValueError, match="finite max_epochs"):
+        epochs_none.fit(module, loader())
+    assert "training_step" not in vars(module) and "_relax_plugins_patched" not in vars(module)
+    first = RelaxationCallback(penalty_every=1)
+    trainer(tmp_path, 1, [first]).fit(module, loader())
+    assert first.run.penalty_calls == 4  # 32 samples, batches of 8
+    assert "training_step" not in vars(module)  # unpatched at teardown
+    rp.relax(module.net)  # the first fit projected it at its end
+    second = RelaxationCallback(penalty_every=1)
+    trainer(tmp_path, 1, [second]).fit(module, loader())
+    assert second.run.penalty_calls == 4 and first.run.penalty_calls == 4
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, True, -1])
+def test_callback_checks_penalty_every_at_construction(bad):
+    with pytest.raises((TypeError, ValueError), match="penalty_every"):
+        RelaxationCallback(penalty_every=bad)

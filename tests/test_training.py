@@ -483,3 +483,15 @@ def test_resume_with_generator_sampling_is_bit_identical():
     opt.load_state_dict(saved[1])
     run.load_state_dict(saved[2])
     assert first + run_steps(model, opt, run, data[3:]) == straight
+
+
+def test_state_past_the_schedules_end_loads_back():
+    # advance() past the end is allowed (θ stays 0 there): the state it leaves must load again
+    model = rp.relax(nn.Sequential(SO2Linear(2, 2)))
+    run = rp.RelaxedTraining(model, "triangular", total=2)
+    for _ in range(3):
+        run.advance()
+    state = run.state_dict()
+    other = rp.RelaxedTraining(rp.relax(nn.Sequential(SO2Linear(2, 2))), "triangular", total=2)
+    other.load_state_dict(state)
+    assert other.position == 3 and other.done and rp.get_theta(other.model)["0"] == 0.0
