@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from .errors import UnknownAdapterError
+from .errors import AdapterError, UnknownAdapterError
 
 __all__ = ["AdapterOption", "RESERVED_OPTIONS", "check_declaration", "resolve_adapter_options"]
 
@@ -71,6 +71,12 @@ def check_declaration(adapter: str, declared: Any) -> dict[str, AdapterOption]:
             raise TypeError(f"{where}: option {key!r} has type {opt.type!r}, not a type, tuple of types or validator")
         if not isinstance(opt.doc, str):
             raise TypeError(f"{where}: the doc of option {key!r} must be a string")
+        if opt.default is not None and _is_types(opt.type):
+            # an adapter that is never passed the option receives its default: it must be of the type
+            try:
+                _check_value(adapter, key, opt, opt.default)
+            except TypeError as exc:
+                raise TypeError(f"{where}: the default of option {key!r} does not fit its type ({exc})") from None
         out[key] = opt
     return out
 
@@ -92,6 +98,9 @@ def _check_value(adapter: str, key: str, opt: AdapterOption, value: Any) -> None
             opt.type(value)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{label}: {exc}") from exc
+        except Exception as exc:  # a validator must reject with TypeError/ValueError: anything else is its bug
+            raise AdapterError(f"{label}: the adapter's validator raised {type(exc).__name__}: {exc} (validators "
+                               "reject a value with TypeError or ValueError)") from exc
         return
     types = opt.type if isinstance(opt.type, tuple) else (opt.type,)
     ok = False

@@ -439,12 +439,12 @@ def test_relaxed_training_needs_relaxed_model():
     "state",
     [
         {"a": 1}, {"position": 1, "history": [], "schedule": "Cosine(total=3, peak=1.0)"},
-        {"position": 99, "history": [], "schedule": "Triangular(total=3, peak=1.0)"},
         {"position": -1, "history": [], "schedule": "Triangular(total=3, peak=1.0)"},
         {"position": 1.5, "history": [], "schedule": "Triangular(total=3, peak=1.0)"},
         {"position": 1, "history": "x", "schedule": "Triangular(total=3, peak=1.0)"}, [1, 2],
     ],
-    ids=["foreign_keys", "other_schedule", "past_end", "negative", "float_position", "history_str", "list"],
+    # (a position past the schedule's end is a state advance() makes: it loads, see test_training.py)
+    ids=["foreign_keys", "other_schedule", "negative", "float_position", "history_str", "list"],
 )
 def test_relaxed_training_load_state_dict_checks_ownership(state):
     model = relaxed()

@@ -195,6 +195,23 @@ class HalfMerge(SO2Relaxation):
         return super().dense_delta(base, delta / 2)  # folds only half of θ·P(W)
 
 
+class HalfPenalty(SO2Relaxation):
+    batched_penalty = False  # its own penalty_terms, always
+
+    def penalty_terms(self):
+        # the Lie penalty of the first half of the output rows only: positive on a random W − P(W),
+        # blind to every W whose defect lives in the other half, which project() still drops
+        x, W = self._x.to(self.weight.dtype), self.weight
+        C = W @ self.symmetry.lie_in[0].to(W) - self.symmetry.lie_out[0].to(W) @ W
+        lie = (x @ C[: W.shape[0] // 2].T).square().sum()
+        return rp.PenaltyTerms(lie, (x @ W.T).square().sum(), x.shape[0])
+
+
+class Upcast(SO2Relaxation):
+    def forward(self, base, theta, *args, **kwargs):
+        return super().forward(base, theta, *args, **kwargs).double()  # a float32 layer now returns float64
+
+
 class Broken:
     """A plugin object: the toy adapter's SO2Linear rule with a chosen (wrong) term class."""
 
@@ -215,9 +232,10 @@ class Broken:
         (ReturnsW, "penalty_on_image", ["projected_equivariant"]),
         (Doubled, "projection_complete", ["projection_idempotent", "projection_orthogonal"]),
         (Oblique, "projection_orthogonal", []),
-        (Zero, "projection_complete", []),
+        (Zero, "penalty_definite", ["projection_complete"]),
         (Offset, "outputs_w_zero", ["merge"]),
         (HalfMerge, "merge", []),
+        (HalfPenalty, "penalty_definite", []),
     ],
     ids=lambda v: v.__name__ if isinstance(v, type) else None,
 )
@@ -233,6 +251,12 @@ def test_wrong_adapters_are_rejected_naming_the_property(term_cls, first, also):
     assert rp.plugins.adapter_names() == names  # the temporary registration is undone
     report = check_adapter(Broken(term_cls), SO2Linear(2, 3), torch.randn(32, 4), raise_on_failure=False)
     assert not report.ok and report.failures[0].startswith(first)
+
+
+def test_a_changed_output_dtype_is_a_changed_output():
+    report = check_adapter(Broken(Upcast), SO2Linear(2, 3), torch.randn(32, 4), dtype=torch.float32,
+                           raise_on_failure=False)
+    assert not report.ok and report.failures[0].startswith("outputs_after_relax")
 
 
 def test_correct_copy_of_the_toy_adapter_passes():

@@ -427,6 +427,29 @@ def test_norm_nonlinearities_are_skipped_like_gates():
     assert [n for n, _ in rp.relaxed_modules(relaxed)] == ["0", "1.norm.tp", "1.scalar_multiplier", "2.tp", "3"]
 
 
+def test_linear_with_fewer_instructions_penalises_what_project_drops():
+    # an O(3) intertwiner between irreps the Linear does not connect: the generators' penalty is
+    # blind to it, project() drops it; the term penalises it, so the kit certifies the adapter
+    from relax_plugins.testing import check_adapter
+
+    lin = o3.Linear("2x0e + 1x1o + 1x2e", "1x0e + 2x1o + 1x2e", instructions=[(0, 0), (1, 1)])
+    x = lin.irreps_in.randn(40, -1)
+    check_adapter("e3nn", copy.deepcopy(lin), x)
+    model = rp.relax(nn.Sequential(lin))
+    model(x)
+    term = model[0].term
+    with torch.no_grad():
+        term.weight.zero_()
+        term.weight[lin.irreps_out.slices()[2], lin.irreps_in.slices()[2]] = torch.eye(5)  # 2e → 2e
+    assert float(term.project_dense(term.weight).abs().max()) == 0.0
+    terms = term.penalty_terms()
+    torch.testing.assert_close(terms.lie, terms.norm)  # all of W x is the dropped intertwiner's
+    assert float(rp.penalty(model)) > 0
+    with torch.no_grad():  # on P's image the penalty vanishes
+        term.weight.copy_(term.project_dense(torch.randn_like(term.weight)))
+    assert float(term.penalty_terms().lie) < 1e-10 * float(term.penalty_terms().norm)
+
+
 def test_linear_with_f_in_is_refused():
     model = nn.Sequential(o3.Linear("1x1o", "1x1o", f_in=2, f_out=3))
     with pytest.raises(rp.AdapterError, match="f_in"):

@@ -211,6 +211,26 @@ def test_declarations_are_listed_and_checked():
         rp.relax(_model())
 
 
+@pytest.mark.parametrize("declared,err,match", [
+    ({"bd_n": rp.AdapterOption(int, "abc", "a count")}, rp.PluginLoadError, r"'bd'.*default of option 'bd_n'"),
+    ({"bd_v": rp.AdapterOption(lambda v: {}[v], "x", "a broken validator")}, rp.AdapterError,
+     r"bd\.bd_v: the adapter's validator raised KeyError"),
+], ids=["default-of-wrong-type", "validator-raises-keyerror"])
+def test_an_adapters_own_option_bugs_are_named(declared, err, match):
+    # defaults are checked against their type when declared; a validator's unexpected error names its
+    # adapter and option (a bare KeyError would not say whose it is)
+    class Declares:
+        @rp.hookimpl
+        def relax_adapter_options(self):
+            return declared
+
+    rp.register_adapter(Declares(), name="bd")
+    model = _model()
+    with pytest.raises(err, match=match):
+        rp.relax(model, adapter_options={"bd": {k: "y" for k in declared}} if "bd_v" in declared else None)
+    assert not list(rp.relaxed_modules(model))
+
+
 class Raising:
     """One hook raising RuntimeError('boom'); relaxes SO2Linear itself so that its wrapper class is asked."""
 

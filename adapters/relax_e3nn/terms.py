@@ -21,7 +21,7 @@ import torch
 from e3nn import o3
 from torch import Tensor, nn
 
-from relax_plugins import LinearRelaxation
+from relax_plugins import LinearRelaxation, PenaltyTerms
 from relax_plugins.irreps import SchurProjection
 from relax_plugins.symmetry import OneGeneratorProjector
 from relax_plugins.term import first_arg_name, may_modify_inputs
@@ -168,8 +168,36 @@ class E3nnLinearRelaxation(E3nnRelaxation):
             if ins.i_in >= 0 and 0 not in ins.path_shape and self.irreps_in[ins.i_in].dim > 0
         ]
 
+        # O(3) intertwiners the Linear has no path for: the generators' penalty cannot see them, yet
+        # P(W) (and so project()) drops them; penalised by their own norm on the samples instead
+        self._missing = [pair for pair in irrep_pairs(self.irreps_in, self.irreps_out) if pair not in self._paths]
+        if self._missing:
+            self.batched_penalty = False  # the extra sum is this term's own: penalty_terms() is called
+
     def paths(self) -> list[tuple[int, int]]:
         return list(dict.fromkeys(self._paths))
+
+    def penalty_terms(self) -> PenaltyTerms:
+        """The core's Lie and norm sums, plus Σ_n ||D x_n||² in the Lie part for an ``o3.Linear``
+        with fewer instructions than O(3) allows: D is W's component on the intertwiners between
+        irreps the Linear does not connect (equivariant, so the generators miss it, but not in the
+        Linear's span, so ``project()`` drops it). The penalty then vanishes exactly on P's image."""
+        terms = super().penalty_terms()
+        if not getattr(self, "_missing", None):
+            return terms
+        x, n = self.penalty_input()
+        W = self.dense()
+        D = torch.zeros_like(W)
+        ins, outs = self.irreps_in.slices(), self.irreps_out.slices()
+        for i, j in self._missing:
+            (mul_in, ir), (mul_out, _) = self.irreps_in[i], self.irreps_out[j]
+            d = ir.dim
+            block = W[outs[j], ins[i]].reshape(mul_out, d, mul_in, d)
+            c = torch.einsum("aibi->ab", block) / d  # the block's projection onto c ⊗ I
+            D[outs[j], ins[i]] = torch.einsum("ab,ij->aibj", c, torch.eye(d, dtype=W.dtype, device=W.device)).reshape(
+                mul_out * d, mul_in * d)
+        extra = (x.to(W.dtype) @ D.T).square().sum()
+        return PenaltyTerms(terms.lie + extra, terms.norm, terms.samples)
 
     def from_fibre(self, delta: Tensor, out: Tensor) -> Tensor:
         if tuple(out.shape[:-1]) != self._batch_shape:

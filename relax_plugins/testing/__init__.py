@@ -5,14 +5,17 @@ An adapter is correct when, for every layer it handles, its relaxation term
 1. leaves the layer's outputs unchanged right after ``relax`` (θ = 0), at θ = 0 whatever W is, and
    at θ > 0 while W = 0 (``outputs_after_relax``, ``outputs_theta_zero``, ``outputs_w_zero``);
 2. has a penalty that vanishes on the image of its projection and is positive off it
-   (``penalty_on_image``, ``penalty_off_image``), and, where the core can compute the
-   intertwiner space of the term's :class:`~relax_plugins.Symmetry` (small layers), a projection
-   whose image holds every intertwiner (``projection_complete``);
+   (``penalty_on_image``, ``penalty_off_image``) in every direction: its Hessian on range(I − P)
+   is positive definite (``penalty_definite``; W of at most 1024 entries, example inputs that span
+   the layer's input), and, where the core can compute the intertwiner space of the term's
+   :class:`~relax_plugins.Symmetry` (small layers), a projection whose image holds every
+   intertwiner the penalty does not penalise (``projection_complete``);
 3. projects idempotently and orthogonally: P(P(W)) = P(W), ⟨W − P(W), P(V)⟩ = 0
    (``projection_idempotent``, ``projection_orthogonal``);
 4. projects onto maps that commute with the adapter's own generators, dρ_out(A)·M = M·dρ_in(A) and
    ρ_out(g)·M = M·ρ_in(g) (``projected_equivariant``), and computes f(x) + θ·P(W)·x with W := P(W)
-   (``projected_output``);
+   (``projected_output``; compared as sorted values, since the kit does not know the output
+   layout: a permuted ``from_fibre`` passes it);
 5. merges as declared and exactly: ``merge_delta`` answers a delta exactly when the term declares
    ``can_merge`` and leaves the base layer alone (``merge_declared``); ``project(merge=True)`` equals
    the relaxed layer with W := P(W) at the same θ for the terms that merge, and drops the others
@@ -37,8 +40,9 @@ methods. What the kit needs from a term:
   ``projection_complete`` are checked for LinearRelaxation terms only.
 
 Errors are relative (normalised by the size of what is compared), so one tolerance per dtype fits
-every layer: 1e-10 for float64, 1e-4 for float32. ``penalty_off_image`` is a lower bound
-(√(penalty / ||W x||²) of a W with W − P(W) ≠ 0 must exceed √tol).
+every layer: 1e-10 for float64, 1e-4 for float32. ``penalty_off_image`` and ``penalty_definite``
+are lower bounds (√(penalty / ||W x||²) of a W with W − P(W) ≠ 0, and √(λ_min / λ_max) of the
+penalty's Hessian on range(I − P), must exceed √tol). Outputs compare their dtype and device too.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ from .measure import (
 )
 from .properties import BOOLEANS, LOWER_BOUNDS, PROPERTIES, ConformanceReport, _within
 
+#: the largest W (entries) whose penalty Hessian the kit builds (one Hessian-vector product a direction)
+MAX_DEFINITE_CHECK = 1024
+
 
 class _Check:
     def __init__(self, name: str, layer: nn.Module, example_inputs: Any, dtype: torch.dtype, tol: float,
@@ -148,13 +151,24 @@ class _Check:
         self.measure("penalty_on_image", math.sqrt(max(lie_img, 0.0) / lie_w) if lie_w > 0 else
                      (0.0 if lie_img == 0 else math.inf), n)
         self.measure("penalty_off_image", math.sqrt(max(lie_r, 0.0) / norm_r) if norm_r > 0 else 0.0, n)
+        self.check_penalty_definite(n, term, w, W)
         if isinstance(term, LinearRelaxation):
             sym = term.symmetry
             if sym.num_lie and sym.dim_in * sym.dim_out > MAX_GENERIC_NULLSPACE:
                 self.skip("projection_complete", f"layer {n!r}: too large for the core's dense null space")
             else:
                 G = GenericProjector(sym)(W.double()).to(W.dtype)
-                self.measure("projection_complete", _rel(P(G), G), n)
+                _set(w, G)
+                t = term.penalty_terms()
+                lie_g, norm_g = float(t.lie), float(t.norm)
+                if norm_g > 0 and math.sqrt(max(lie_g, 0.0) / norm_g) >= math.sqrt(self.tol):
+                    # the term penalises intertwiners outside its own span (an o3.Linear with fewer
+                    # instructions than the group allows): P need not fix them, penalty_definite
+                    # checks that nothing unpenalised lies off P's image
+                    self.skip("projection_complete", f"layer {n!r}: the term's span is narrower than its "
+                              "generators' intertwiners, and its penalty covers the rest")
+                else:
+                    self.measure("projection_complete", _rel(P(G), G), n)
         else:
             self.skip("projection_complete", f"layer {n!r}: {type(term).__name__} is not a LinearRelaxation")
         # 3. idempotent and orthogonal
@@ -180,6 +194,39 @@ class _Check:
             self.skip("projected_output", f"layer {n!r}: {type(term).__name__} is not a LinearRelaxation "
                       "(its relaxed output is checked through merge)")
         _set(w, torch.zeros_like(w))
+
+    def check_penalty_definite(self, n: str, term: Any, w: Tensor, W: Tensor) -> None:
+        """The penalty vanishes on no direction off P's image (one random R = W − P(W) can miss a
+        null direction: a penalty built from some of the generators only, a path the projection
+        drops). The Lie part is a quadratic form in W; its Hessian restricted to range(I − P), from
+        Hessian-vector products, must be positive definite: √(λ_min / λ_max) is the measure."""
+        D = w.numel()
+        x = term.__dict__.get("_x")
+        if D > MAX_DEFINITE_CHECK:
+            self.skip("penalty_definite", f"layer {n!r}: W has {D} entries (> {MAX_DEFINITE_CHECK})")
+            return
+        if isinstance(x, Tensor) and x.dim() == 2 and int(torch.linalg.matrix_rank(x.double())) < x.shape[1]:
+            # then W·x = 0 on some directions whatever W is: the example inputs cannot tell
+            self.skip("penalty_definite", f"layer {n!r}: the example inputs do not span the layer's input fibre")
+            return
+        eye = torch.eye(D, dtype=torch.float64)
+        P = torch.stack([term.project_dense(e.reshape(w.shape).to(w.dtype)).reshape(-1).double() for e in eye])
+        vals, vecs = torch.linalg.eigh(eye - (P + P.T) / 2)
+        Q = vecs[:, vals > 0.5]  # range(I − P) (P is checked orthogonal and idempotent separately)
+        if Q.shape[1] == 0:
+            return
+        _set(w, W)  # the Hessian of a quadratic form is the same everywhere: a generic point
+        with torch.enable_grad():
+            lie = term.penalty_terms().lie
+            if not lie.requires_grad:
+                self.skip("penalty_definite", f"layer {n!r}: its penalty is not differentiable in W")
+                return
+            (g,) = torch.autograd.grad(lie, w, create_graph=True)
+            HQ = torch.stack([torch.autograd.grad(g, w, q.reshape(w.shape).to(w.dtype), retain_graph=True)[0]
+                              .reshape(-1).double() for q in Q.T], dim=1)
+        eig = torch.linalg.eigvalsh((Q.T @ HQ + (Q.T @ HQ).T) / 2)
+        top = float(eig[-1])
+        self.measure("penalty_definite", math.sqrt(max(float(eig[0]), 0.0) / top) if top > 0 else 0.0, n)
 
     @staticmethod
     def _sorted_error(relaxed: list[Tensor], base: list[Tensor], expected: Tensor) -> float:

@@ -82,7 +82,8 @@ def _rel(a: Tensor, b: Tensor) -> float:
 
 
 def _rel_outputs(a: list[Tensor], b: list[Tensor]) -> float:
-    if len(a) != len(b):
+    # the layer's outputs as the user's code gets them: a changed dtype (or device) is a changed output
+    if len(a) != len(b) or any(x.dtype != y.dtype or x.device != y.device for x, y in zip(a, b)):
         return math.inf
     return max((_rel(x, y) for x, y in zip(a, b)), default=0.0)
 

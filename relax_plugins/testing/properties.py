@@ -16,6 +16,8 @@ PROPERTIES: dict[str, str] = {
     "outputs_w_zero": "max relative output change at θ > 0 with W = 0",
     "penalty_on_image": "√(penalty of W := P(W) / penalty of W) for a random W (must vanish)",
     "penalty_off_image": "√(penalty / ||W x||²) for W := W − P(W) ≠ 0 (a lower bound: must be positive)",
+    "penalty_definite": "√(λ_min / λ_max) of the penalty's Hessian on range(I − P): no direction off P's image "
+    "is free (a lower bound: must be positive)",
     "projection_complete": "||P(G) − G|| / ||G|| for G an intertwiner of the term's generators (core null space)",
     "projection_idempotent": "||P(P(W)) − P(W)|| / ||P(W)||",
     "projection_orthogonal": "|⟨W − P(W), P(V)⟩| / (||W − P(W)||·||P(V)||)",
@@ -34,7 +36,7 @@ PROPERTIES: dict[str, str] = {
 
 
 #: properties whose tolerance is a lower bound (measured must exceed it)
-LOWER_BOUNDS = frozenset({"penalty_off_image"})
+LOWER_BOUNDS = frozenset({"penalty_off_image", "penalty_definite"})
 
 
 #: properties measured as 0 (holds) or 1 (fails)
