@@ -119,12 +119,12 @@ def test_a_failed_fit_and_a_second_fit_use_their_own_callback(tmp_path):
         epochs_none.fit(module, loader())
     assert "training_step" not in vars(module) and "_relax_plugins_patched" not in vars(module)
     first = RelaxationCallback(penalty_every=1)
-    trainer(tmp_path, 1, [first]).fit(module, loader())
+    trainer(tmp_path / "first", 1, [first]).fit(module, loader())
     assert first.run.penalty_calls == 4  # 32 samples, batches of 8
     assert "training_step" not in vars(module)  # unpatched at teardown
     rp.relax(module.net)  # the first fit projected it at its end
     second = RelaxationCallback(penalty_every=1)
-    trainer(tmp_path, 1, [second]).fit(module, loader())
+    trainer(tmp_path / "second", 1, [second]).fit(module, loader())
     assert second.run.penalty_calls == 4 and first.run.penalty_calls == 4
 
 
