@@ -202,7 +202,11 @@ class LinearRelaxation(RelaxationTerm):
         uniformly without replacement from the term's own random stream (seeded 0; the global one
         is left alone), or None to use all of them."""
         m = self.penalty_generators
-        if m is None or m >= count:
+        if m is None:
+            return None
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:  # set by hand on the term: checked where read
+            raise ValueError(f"penalty_generators must be an int >= 1 or None, got {m!r}")
+        if m >= count:
             return None
         if self._generator_rng is None:
             self._generator_rng = torch.Generator().manual_seed(0)

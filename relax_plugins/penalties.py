@@ -88,7 +88,9 @@ def layers_penalty(layers: list[tuple[str, RelaxedModule]], lie: float, norm: fl
     else:
         out = lie * torch.sqrt(lie_total + eps) + norm * torch.sqrt(norm_total + eps)
     out = torch.as_tensor(out)
-    if not bool(torch.isfinite(out.detach()).all()):  # one check per call; diagnose only on failure
+    # one check per call, diagnosed only on failure; not inside a torch.func transform (vmap cannot
+    # branch on a value), where the caller's own loss sees a NaN as usual
+    if not under_func_transform() and not bool(torch.isfinite(out.detach()).all()):
         _raise_non_finite(layers, _per_layer(groups))
     return out
 

@@ -92,7 +92,8 @@ def project(model: nn.Module, merge: bool = False) -> nn.Module:
     layers = _require_relaxed(model, "project")
     if merge:
         # every delta is computed (and validated) before anything is written
-        deltas = [(name, layer, merge_deltas(name, layer)) for name, layer in layers]
+        owners = tensor_owners(model)
+        deltas = [(name, layer, merge_deltas(name, layer, owners)) for name, layer in layers]
         _apply_deltas(deltas)
         dropped = [name or "<root>" for name, _, d in deltas if d is None]
         if dropped:
@@ -116,9 +117,38 @@ def project(model: nn.Module, merge: bool = False) -> nn.Module:
     return model
 
 
-def merge_deltas(name: str, layer: RelaxedModule) -> dict[str, Tensor] | None:
+def tensor_owners(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """For every parameter and buffer of ``model`` (by identity, and by the memory it covers): the
+    modules holding it. A tensor held by modules in two places is tied."""
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for t in (*module._parameters.values(), *module._buffers.values()):
+            if t is None:
+                continue
+            for key in {id(t), _storage_key(t)}:
+                holders = owners.setdefault(key, [])
+                if not any(h is module for h in holders):
+                    holders.append(module)
+    return owners
+
+
+def _storage_key(t: Tensor) -> int:
+    # two tensor objects over the same memory (nn.Parameter(a.weight.data)) are tied as well; views
+    # of other regions of one buffer are not (adding to one leaves the other alone)
+    try:
+        ptr = t.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return id(t)
+    return hash((ptr, tuple(t.shape), tuple(t.stride()))) if ptr else id(t)  # empty / meta: identity only
+
+
+def merge_deltas(name: str, layer: RelaxedModule,
+                 owners: dict[int, list[nn.Module]] | None = None) -> dict[str, Tensor] | None:
     """The validated delta of one relaxed layer: ``{key of layer.base.state_dict(): tensor to add}``
-    (cast to that entry's dtype and device), or None when its term does not declare ``can_merge``.
+    (cast to that entry's dtype and device), or None when its term does not declare ``can_merge``,
+    or when (``owners``: :func:`tensor_owners` of the model) a tensor it would change is also held by
+    a module outside the layer (a weight tied between two layers): adding the delta would change
+    that module too, so the layer is dropped instead, with a warning.
 
     Reads the model only. Raises ``NonFiniteError`` for a non-finite θ, relaxation weight or delta
     and ``AdapterError`` for a delta that breaks the contract of
@@ -127,6 +157,11 @@ def merge_deltas(name: str, layer: RelaxedModule) -> dict[str, Tensor] | None:
     _check_mergeable(name, layer)
     term = layer.term
     if not term.can_merge:
+        return None
+    if _reparametrized(layer.base):  # parametrized after relax() (relax() itself marks it unmergeable)
+        warnings.warn(f"merge: layer {name or '<root>'!r} computes its weights from others (torch.nn.utils."
+                      "parametrize, weight_norm, spectral_norm): θ·P(W) cannot be added there, so this layer's "
+                      "relaxation is dropped, not folded", stacklevel=3)
         return None
     where = f"layer {name or '<root>'!r} (adapter {layer.adapter!r})"
     try:
@@ -155,6 +190,15 @@ def merge_deltas(name: str, layer: RelaxedModule) -> dict[str, Tensor] | None:
         if not bool(torch.isfinite(d).all()) or not bool(torch.isfinite(target.detach() + d).all()):
             raise NonFiniteError(f"merge into {where} would make {key!r} non-finite. The model was not changed.")
         out[key] = d
+    if owners is not None:
+        inside = set(map(id, layer.base.modules()))
+        shared = sorted(k for k in out if any(id(m) not in inside for key in (id(state[k]), _storage_key(state[k]))
+                                              for m in owners.get(key, ())))
+        if shared:
+            warnings.warn(f"merge: layer {name or '<root>'!r} shares {shared} with modules outside it (a tied weight): "
+                          "adding θ·P(W) would change them too, so this layer's relaxation is dropped, not folded",
+                          stacklevel=3)
+            return None
     return out
 
 
@@ -202,6 +246,19 @@ def _apply_deltas(deltas: list[tuple[str, RelaxedModule, dict[str, Tensor] | Non
         raise
 
 
+def _reparametrized(module: nn.Module) -> bool:
+    """Whether a tensor of ``module`` is computed from others on every forward (``torch.nn.utils.parametrize``,
+    ``parametrizations.weight_norm``/``spectral_norm``, the old hook-based ``weight_norm``/``spectral_norm``):
+    a delta cannot be added to it, so θ·P(W) cannot be merged there."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return any(parametrize.is_parametrized(m) or any(isinstance(h, (WeightNorm, SpectralNorm))
+                                                      for h in m._forward_pre_hooks.values())
+               for m in module.modules())
+
+
 def _check_mergeable(name: str, layer: RelaxedModule) -> None:
     """θ and the relaxation weights must be finite before anything is folded into the base layer."""
     where = f"layer {name or '<root>'!r} (adapter {layer.adapter!r})"
@@ -233,9 +290,10 @@ def projected_state_dict(model: nn.Module, merge: bool = False) -> dict[str, Ten
     layers = _require_relaxed(model, "projected_state_dict")
     state = model.state_dict()
     bases: dict[int, dict[str, Tensor]] = {}
+    owners = tensor_owners(model) if merge else None
     for name, layer in layers:
         base_state = layer.base.state_dict()
-        delta = merge_deltas(name, layer) if merge else None
+        delta = merge_deltas(name, layer, owners) if merge else None
         if delta:
             with torch.no_grad():
                 base_state.update({k: base_state[k] + d for k, d in delta.items()})

@@ -16,6 +16,7 @@ from .errors import AdapterError, AlreadyRelaxedError, NonFiniteError, NothingTo
 from .options import resolve_adapter_options
 from .plugins import AdapterCalls, AdapterFailure, adapter_names
 from .probe import normalize_example_inputs
+from .projection import _reparametrized
 from .relaxed import relaxed_modules
 from .wrapper import RelaxedModule, _floating_tensors
 
@@ -349,19 +350,6 @@ class _TrackedOptions(dict):
     def __contains__(self, key: object) -> bool:
         self.read.add(key)  # type: ignore[arg-type]
         return super().__contains__(key)
-
-
-def _reparametrized(module: nn.Module) -> bool:
-    """Whether a tensor of ``module`` is computed from others on every forward (``torch.nn.utils.parametrize``,
-    ``parametrizations.weight_norm``/``spectral_norm``, the old hook-based ``weight_norm``/``spectral_norm``):
-    a delta cannot be added to it, so θ·P(W) cannot be merged there."""
-    from torch.nn.utils import parametrize
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    return any(parametrize.is_parametrized(m) or any(isinstance(h, (WeightNorm, SpectralNorm))
-                                                      for h in m._forward_pre_hooks.values())
-               for m in module.modules())
 
 
 def _check_term(term: Any, module: nn.Module, name: str, adapter: str, others: list[RelaxationTerm]) -> None:

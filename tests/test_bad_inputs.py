@@ -625,17 +625,47 @@ def test_penalty_after_a_forward_under_vmap_names_the_transform():
     assert torch.isfinite(rp.penalty(model))
 
 
-def test_penalty_inside_a_torch_func_transform_still_works():
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "2"])
+def test_penalty_generators_set_by_hand_are_checked(bad):
+    o3 = pytest.importorskip("e3nn.o3")
+
+    model = rp.relax(nn.Sequential(o3.Linear("2x0e + 1x1o", "2x0e + 1x1o")), init_std=0.1)
+    model(torch.randn(20, 5))
+    model[0].term.penalty_generators = bad
+    with pytest.raises(ValueError, match="penalty_generators must be an int >= 1"):
+        rp.penalty(model)
+
+
+class _WithPenalty(nn.Module):
+    """Output and penalty from one forward: torch.func.functional_call then swaps the parameters
+    for both (a penalty computed after the call would read the model's own W again)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).square().sum() + rp.penalty(self.model)
+
+
+def test_penalty_inside_a_torch_func_transform_gives_autograds_gradients():
     model = rp.relax(plain(), init_std=0.1)
-    params = dict(model.named_parameters())
+    rp.set_theta(model, 0.3)
+    wrapped = _WithPenalty(model)
+    params = {k: v.detach() for k, v in wrapped.named_parameters()}
     x = torch.randn(6, 4)
-
-    def loss(p: dict) -> torch.Tensor:
-        out = torch.func.functional_call(model, p, (x,))
-        return out.square().sum() + rp.penalty(model)
-
-    grads = torch.func.grad(loss)(params)
-    assert all(torch.isfinite(g).all() for g in grads.values())
+    grads = torch.func.grad(lambda p: torch.func.functional_call(wrapped, p, (x,)))(params)
+    wrapped(x).backward()
+    for k, p in wrapped.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad if p.grad is not None else torch.zeros_like(p))
+    assert float(grads["model.0.term.weight"].abs().max()) > 0
+    # per-sample: vmap over batches, the penalty inside the same transform
+    xs = torch.randn(3, 6, 4)
+    per_batch = torch.func.vmap(lambda xb: model(xb).square().sum() + rp.penalty(model))(xs)
+    torch.testing.assert_close(per_batch[1], model(xs[1]).square().sum() + rp.penalty(model))
+    per_sample = torch.func.vmap(torch.func.grad(lambda p, xb: torch.func.functional_call(wrapped, p, (xb,))),
+                                 in_dims=(None, 0))(params, xs)
+    assert per_sample["model.0.term.weight"].shape == (3, *model[0].term.weight.shape)
 
 
 class _ForceModel(nn.Module):

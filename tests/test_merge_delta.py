@@ -292,3 +292,53 @@ def test_escnn_eval_mode_layers_conform():
     lin = enn.Linear(a, a).double().eval()
     report = check_adapter("escnn", lin, a(torch.randn(32, a.size)))
     assert report.ok and report.merged == {"layer": True}
+
+
+class _TiedParameter(nn.Module):
+    """Two different layers holding one parameter (weight tying without a shared module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = SO2Linear(2, 2), SO2Linear(2, 2)
+        self.l2.a = self.l1.a
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+@pytest.mark.parametrize("include", [None, ["l1"]], ids=["both-relaxed", "one-relaxed"])
+def test_merge_never_writes_a_weight_tied_to_another_module(include):
+    # adding θ·P(W) to a parameter another module holds would change that module too (and two layers
+    # would add twice): such a layer is dropped with a warning, in project and projected_state_dict alike
+    torch.manual_seed(0)
+    model = rp.relax(_TiedParameter(), include=include)
+    with torch.no_grad():
+        for _, layer in rp.relaxed_modules(model):
+            layer.term.weight.normal_()
+    rp.set_theta(model, 0.5)
+    shared_before = model.l1.base.a.detach().clone()
+    with pytest.warns(UserWarning, match="shares"):
+        state = rp.projected_state_dict(model, merge=True)
+    with pytest.warns(UserWarning, match="shares"):
+        rp.project(model, merge=True)
+    assert torch.equal(model.l1.a, shared_before) and model.l1.a is model.l2.a
+    projected = model.state_dict()
+    assert list(state) == list(projected) and all(torch.equal(state[k], projected[k]) for k in state)
+
+
+def test_a_parametrization_added_after_relax_drops_the_layer_at_merge():
+    # as when it existed at relax() time: the weight is computed from others, a delta cannot be added
+    torch.manual_seed(0)
+    model = rp.relax(nn.Sequential(SO2Linear(2, 2), SO2Linear(2, 2)), init_std=0.1)
+    rp.set_theta(model, 0.5)
+    torch.nn.utils.parametrize.register_parametrization(model[0].base, "a", _Scale())
+    with pytest.warns(UserWarning, match="computes its weights from others"):
+        state = rp.projected_state_dict(model, merge=True)
+    with pytest.warns(UserWarning, match="computes its weights from others"):
+        rp.project(model, merge=True)
+    assert list(state) == list(model.state_dict())
+
+
+class _Scale(nn.Module):
+    def forward(self, w):
+        return 2.0 * w
