@@ -303,3 +303,29 @@ def test_relaxed_training_defaults_are_the_evidence_default_recipe():
         run.position = step
         assert run.advance() == arm(step)
     assert run.schedule(cfg.steps - 1) == 0.0
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--seeds", "0"], ["--arms", ","], ["--arms", "bogus"],
+                                  ["--eval-every", "0"], ["--batch", "0"], ["--n-train", "50", "--batch", "100"],
+                                  ["--theta-trace-every", "0"], ["--timing-steps", "-1"]])
+def test_runner_refuses_arguments_that_train_nothing(argv, capsys):
+    from examples.nbody.run import parse_args
+
+    with pytest.raises(SystemExit) as info:  # argparse's one-line error, exit status 2
+        parse_args(["--quick", *argv])
+    assert info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_runner_names_a_cut_short_checkpoint_or_run_file(tmp_path):
+    from examples.nbody.run import RunFileError, _checkpoint_step, parse_args
+
+    cfg = parse_args(["--quick", "--checkpoint-every", "5", "--out", str(tmp_path)])
+    path = tmp_path / "ckpt" / "relaxed_seed0.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"garbage")
+    with pytest.raises(RunFileError, match=r"relaxed_seed0\.pt cannot be read.*delete it"):
+        _checkpoint_step(cfg, "relaxed", 0)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "relaxed_seed0.json").write_text('{"arm": "relax')
+    with pytest.raises(RunFileError, match=r"relaxed_seed0\.json cannot be read"):
+        main(["--quick", "--arms", "relaxed", "--seeds", "1", "--out", str(tmp_path), "--report-only"])

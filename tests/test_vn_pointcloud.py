@@ -173,3 +173,16 @@ def test_torch_compile_relaxed_vn_pointnet_matches_eager(rank):
     assert torch.allclose(pen, pen_eager, rtol=1e-5)
     (out.square().mean() + pen).backward()
     assert all(p.grad is not None for p in rp.relaxation_parameters(model))
+
+
+def test_explicit_options_win_over_the_presets(capsys):
+    from examples.pointcloud.run import parse_args
+
+    a = parse_args(["--evidence", "--out", "/tmp/elsewhere", "--steps", "50", "--arms", "standard"])
+    assert (a.out, a.steps, a.arms, a.seeds) == ("/tmp/elsewhere", 50, ["standard"], 5)
+    a = parse_args(["--quick", "--steps", "50", "--seeds", "3", "--batch", "4"])
+    assert (a.steps, a.seeds, a.batch, a.points) == (50, 3, 4, 40)
+    assert parse_args(["--evidence"]).out == "docs/evidence/pointcloud"
+    for bad in (["--steps", "0"], ["--batch", "0"], ["--eval-every", "0"], ["--timing-steps", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)

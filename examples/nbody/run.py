@@ -50,8 +50,10 @@ import copy
 import json
 import math
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -351,12 +353,40 @@ def _ckpt_path(cfg: Config, arm: str, seed: int) -> Path:
     return Path(cfg.out) / "ckpt" / f"{arm}_seed{seed}.pt"
 
 
+class RunFileError(ValueError):
+    """A file of the output directory cannot be used (cut short, or from another configuration)."""
+
+
+def _read_checkpoint(path: Path, device: Any = "cpu") -> dict[str, Any]:
+    try:
+        saved = torch.load(path, map_location=device, weights_only=False)  # our own file
+        saved["state"]["step"]
+    except Exception as exc:
+        raise RunFileError(f"{path} cannot be read ({type(exc).__name__}: {exc}): it was cut short or is not a "
+                           "checkpoint of this runner; delete it to start that run afresh") from None
+    return saved
+
+
+def _read_run(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunFileError(f"{path} cannot be read ({type(exc).__name__}: {exc}); delete it to train that run "
+                           "again") from None
+
+
+def _write_atomic(text: str, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a kill mid-write leaves no half-written file
+
+
 def _checkpoint_step(cfg: Config, arm: str, seed: int) -> int:
     """The step an unfinished run resumes from (0 without a checkpoint)."""
     path = _ckpt_path(cfg, arm, seed)
     if cfg.checkpoint_every <= 0 or not path.exists():
         return 0
-    return int(torch.load(path, map_location="cpu", weights_only=False)["state"]["step"])
+    return int(_read_checkpoint(path)["state"]["step"])
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -430,9 +460,9 @@ def train_one(cfg: Config, arm: str, seed: int, progress: Any = None) -> dict[st
                           "step_times": [], "theta_trace": [], "best": {"val": math.inf, "step": -1, "state": None}}
     ckpt = _ckpt_path(cfg, arm, seed)
     if cfg.checkpoint_every > 0 and ckpt.exists():
-        saved = torch.load(ckpt, map_location=device, weights_only=False)  # our own file
+        saved = _read_checkpoint(ckpt, device)
         if _run_config(saved["config"]) != _run_config(asdict(cfg)):
-            raise ValueError(f"{ckpt} was written with another configuration; delete it to start afresh")
+            raise RunFileError(f"{ckpt} was written with another configuration; delete it to start afresh")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         if lr_sched is not None:
@@ -978,6 +1008,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="project by dropping W (default: merge θ·P(W) where the layer can hold it)")
     p.add_argument("--no-rotate", action="store_true", help="do not rotate training batches")
     a = p.parse_args(argv)
+    for name in POSITIVE_ARGS:  # a count of zero or less trains nothing, or divides by it
+        value = getattr(a, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("n_valid", "n_test", "timing_steps", "checkpoint_every", "data_seed"):
+        value = getattr(a, name)
+        if value is not None and value < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     preset = "quick" if a.quick else (a.preset or "cpu")
     values: dict[str, Any] = {**PRESETS[preset], "preset": preset}
     if a.ablation:
@@ -987,15 +1025,27 @@ def parse_args(argv: list[str] | None = None) -> Config:
     for k, v in vars(a).items():
         if v is not None and k in Config.__dataclass_fields__:
             values[k] = v
-    if a.arms:
+    if a.arms is not None:
         values["arms"] = tuple(s.strip() for s in a.arms.split(",") if s.strip())
+        if not values["arms"]:
+            p.error("--arms names no arm")
         for arm in values["arms"]:
-            arm_spec(arm, Config())
+            try:
+                arm_spec(arm, Config())
+            except ValueError as exc:
+                p.error(str(exc))
+    if values["batch"] > values["n_train"]:
+        p.error(f"--batch {values['batch']} is larger than the training set (--n-train {values['n_train']})")
     if a.no_merge:
         values["merge"] = False
     if a.no_rotate:
         values["rotate"] = False
     return Config(**values)
+
+
+#: count arguments that must be at least 1
+POSITIVE_ARGS = ("n_train", "steps", "batch", "layers", "eval_every", "seeds", "workers", "rank", "threads",
+                 "lowrank_rank", "theta_trace_every", "penalty_every", "egnn_hidden")
 
 
 def _run_path(out: Path, arm: str, seed: int) -> Path:
@@ -1032,23 +1082,64 @@ def _train_jobs(cfg: Config, todo: list[tuple[str, int]], keep: Any, done: set[t
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        with ctx.Manager() as manager:
-            queue = manager.Queue()
-            with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
-                pending: dict[Any, tuple[str, int]] = {}
-                while todo or pending:
-                    while len(pending) < cfg.workers and any(_ready(j, done) for j in todo):
-                        job = next(j for j in todo if _ready(j, done))
-                        todo.remove(job)
-                        pending[pool.submit(_worker, cfg, *job, queue)] = job
+        # SIGTERM (a session's end, `kill`) must stop the workers too: unhandled, it killed this
+        # process alone and the workers trained on, unsupervised, writing the checkpoints a restart reads
+        main_thread = threading.current_thread() is threading.main_thread()  # signals are set there only
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
+        try:
+            from multiprocessing.managers import SyncManager
+
+            manager = SyncManager(ctx=ctx)
+            manager.start(initializer=_die_with_parent)  # the queue's server process: it goes with us too
+            with manager:
+                queue = manager.Queue()
+                pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx, initializer=_die_with_parent)
+                try:
+                    pending: dict[Any, tuple[str, int]] = {}
+                    while todo or pending:
+                        while len(pending) < cfg.workers and any(_ready(j, done) for j in todo):
+                            job = next(j for j in todo if _ready(j, done))
+                            todo.remove(job)
+                            pending[pool.submit(_worker, cfg, *job, queue)] = job
+                        while not queue.empty():
+                            bar.update(queue.get())
+                        for f in [f for f in pending if f.done()]:
+                            keep(f.result())
+                            done.add(pending.pop(f))
+                        time.sleep(0.2)
                     while not queue.empty():
                         bar.update(queue.get())
-                    for f in [f for f in pending if f.done()]:
-                        keep(f.result())
-                        done.add(pending.pop(f))
-                    time.sleep(0.2)
-                while not queue.empty():
-                    bar.update(queue.get())
+                except BaseException:
+                    _stop_pool(pool)
+                    raise
+                pool.shutdown()
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop the workers now (their last checkpoints stay: a restart continues from them)."""
+    processes = list(getattr(pool, "_processes", {}).values())  # the executor offers no kill
+    for proc in processes:
+        proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        proc.join(timeout=10)
+
+
+def _die_with_parent() -> None:
+    """Worker initialiser: on Linux, the kernel sends SIGTERM to the worker when the runner dies, even
+    by SIGKILL (which no handler sees)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -1069,17 +1160,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_config = _run_config(asdict(cfg))
 
     def keep(r: dict[str, Any]) -> None:
-        runs.append(r)
-        _run_path(out, r["arm"], r["seed"]).write_text(json.dumps({**r, "run_config": run_config}, indent=1))
+        record = {**r, "run_config": run_config}
+        runs.append(record)  # as a resumed directory reads it back: results.json is the same either way
+        _write_atomic(json.dumps(record, indent=1), _run_path(out, r["arm"], r["seed"]))
 
     done = {(a, s) for a, s in jobs if _run_path(out, a, s).exists()}
     for a, s in done:
-        stored = json.loads(_run_path(out, a, s).read_text()).get("run_config", {})
+        stored = _read_run(_run_path(out, a, s)).get("run_config", {})
         if _run_config(stored) != json.loads(json.dumps(run_config)):
-            raise ValueError(f"{_run_path(out, a, s)} was trained with another configuration: delete it or "
-                             "choose another --out")
+            raise RunFileError(f"{_run_path(out, a, s)} was trained with another configuration: delete it or "
+                               "choose another --out")
     if cfg.extra.get("report_only") or done:
-        runs = [json.loads(_run_path(out, a, s).read_text()) for a, s in jobs if (a, s) in done]
+        runs = [_read_run(_run_path(out, a, s)) for a, s in jobs if (a, s) in done]
     todo = [] if cfg.extra.get("report_only") else [j for j in jobs if j not in done]
     if cfg.extra.get("report_only"):
         missing = [f"{a}/{s}" for a, s in jobs if (a, s) not in done]
@@ -1126,4 +1218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RunFileError as exc:  # the user's files, not a bug: one line, no traceback
+        sys.exit(f"nbody run: {exc}")

@@ -116,13 +116,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="issue 15's point-cloud evidence: 5 seeds, 900 steps (3x), standard vs dual vs rank-8 W, "
                         "written to docs/evidence/pointcloud (finished runs are kept and not run again)")
     args = p.parse_args(argv)
+    # the options given on the command line win over a preset's values (--out above all)
+    unset = object()
+    p.set_defaults(**{a.dest: unset for a in p._actions if a.dest != "help"})
+    given = {k for k, v in vars(p.parse_args(argv)).items() if v is not unset}
+    presets = []
     if args.evidence:
-        args.seeds, args.steps, args.eval_every = max(args.seeds, 5), 900, 90
-        args.arms, args.out, args.timing_steps = "standard,dual,relaxed_lowrank", "docs/evidence/pointcloud", 0
+        presets.append({"seeds": max(args.seeds, 5), "steps": 900, "eval_every": 90, "timing_steps": 0,
+                        "arms": "standard,dual,relaxed_lowrank", "out": "docs/evidence/pointcloud"})
     if args.quick:
-        args.steps, args.seeds, args.eval_every, args.per_class = 6, 1, 3, "1,1,1"
-        args.points, args.widths, args.k, args.batch, args.timing_steps = 40, "4,4,8,8", 4, 8, 2
-        args.equiv_samples, args.workers = 4, 1
+        presets.append({"steps": 6, "seeds": 1, "eval_every": 3, "per_class": "1,1,1", "points": 40,
+                        "widths": "4,4,8,8", "k": 4, "batch": 8, "timing_steps": 2, "equiv_samples": 4, "workers": 1})
+    for preset in presets:
+        for key, value in preset.items():
+            if key not in given:
+                setattr(args, key, value)
+    for key in ("seeds", "steps", "batch", "eval_every", "points", "k", "workers", "equiv_samples", "rank",
+                "penalty_every"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.timing_steps < 0:
+        p.error(f"--timing-steps must be >= 0, got {args.timing_steps}")
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
