@@ -4,6 +4,7 @@ dict (JSON-ready), a terminal table and a PNG."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ from ._checks import check_bool, check_real
 from .api import _require_relaxed, preserved_state, project, projection_report, relaxed_modules
 from .copying import model_copy
 
-__all__ = ["equivariance_report", "format_report", "save_report", "plot_report", "plot_history", "saved_tensor_bytes"]
+__all__ = ["equivariance_report", "format_report", "save_report", "plot_report", "plot_history", "saved_tensor_bytes",
+           "json_safe"]
 
 
 def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
@@ -118,14 +120,32 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def save_report(report: dict[str, Any], path: str | Path) -> Path:
-    """Write the report as JSON."""
+    """Write the report as strict JSON (RFC 8259): a NaN or infinite value, which JSON cannot hold,
+    is written as null (a diverged layer's row then still loads in jq or a browser)."""
     _check_report(report)
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, sort_keys=True))
+    path.write_text(json.dumps(json_safe(report), indent=2, sort_keys=True, allow_nan=False))
     return path
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float (nested in dicts, lists, tuples) replaced by None, so
+    that ``json.dumps(..., allow_nan=False)`` writes strict JSON.
+
+    Example:
+        >>> json_safe({"a": [1.0, float("nan")], "b": float("inf")})
+        {'a': [1.0, None], 'b': None}
+    """
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _check_report(report: Any) -> None:
@@ -139,6 +159,8 @@ def _save(fig: Any, path: str | Path) -> Path:
 
     fig.tight_layout()
     path = Path(path)
+    if not path.suffix:  # matplotlib writes "<path>.png" then: return the file that exists
+        path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -148,6 +170,12 @@ def _save(fig: Any, path: str | Path) -> Path:
 def plot_report(report: dict[str, Any], path: str | Path, columns: Sequence[str] = LAYER_COLUMNS[1:]) -> Path:
     """Per-layer bar charts (log scale) of the report's columns, as a PNG (needs matplotlib)."""
     _check_report(report)
+    if isinstance(columns, str) or not isinstance(columns, Sequence) or not columns:
+        raise TypeError(f"columns must be a non-empty list of column names, got {columns!r}")
+    known = list(dict.fromkeys([*LAYER_COLUMNS, *(k for row in report["layers"].values() for k in row)]))
+    unknown = [c for c in columns if c not in known]
+    if unknown:
+        raise ValueError(f"unknown columns {unknown}; the report's columns are {known}")
     import matplotlib
 
     matplotlib.use("Agg")

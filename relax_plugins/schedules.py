@@ -20,7 +20,8 @@ class Schedule:
 
     Args:
         total: number of schedule calls (epochs or steps); must be ≥ 1.
-        peak: the largest θ.
+        peak: the scale of θ: the largest θ of the named shapes, which peak at 1 (a
+            :class:`FromCallable` gives θ = peak · fn(t), whatever fn's largest value).
     """
 
     def __init__(self, total: int, peak: float = 1.0) -> None:
@@ -59,7 +60,8 @@ class Triangular(Schedule):
 
     def __init__(self, total: int, peak: float = 1.0, peak_at: float = 0.5) -> None:
         super().__init__(total, peak)
-        if isinstance(peak_at, bool) or not isinstance(peak_at, (int, float)) or not 0.0 < peak_at < 1.0:
+        peak_at = check_real(peak_at, "peak_at", minimum=0.0, positive=True)  # NumPy and tensor scalars too
+        if not peak_at < 1.0:
             raise ValueError(f"peak_at must be a number in (0, 1), got {peak_at!r}")
         self.peak_at = float(peak_at)
 
@@ -114,7 +116,8 @@ class Constant(Schedule):
 
 
 class FromCallable(Schedule):
-    """Any callable ``fn(t) -> θ`` on t ∈ [0, 1]; the last index is still forced to 0.
+    """Any callable ``fn(t)`` on t ∈ [0, 1], θ = peak · fn(t) (with the default peak 1, fn gives θ
+    itself; values must be finite and ≥ 0); the last index is still forced to 0.
 
     Example:
         >>> s = FromCallable(lambda t: 1 - t * t, total=3)

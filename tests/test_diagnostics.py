@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from relax_toy.layers import SO2Gate, SO2Linear, rotation_2d
 from torch import nn
@@ -149,3 +150,25 @@ def test_reports_do_not_move_the_generator_sampling_stream():
         reported(x)
         rp.projection_report(reported)
         assert torch.equal(rp.penalty(plain), rp.penalty(reported))
+
+
+def test_saved_report_is_strict_json_and_plots_return_the_file_written(tmp_path):
+    import json
+
+    report = {"layers": {"0": {"theta": 0.5, "lie_defect": float("nan"), "relax_ratio": float("inf")}},
+              "model": {"relaxed": float("-inf")}}
+    path = rp.save_report(report, tmp_path / "r.json")
+
+    def refuse(value):
+        raise ValueError(f"not JSON: {value}")
+
+    loaded = json.loads(path.read_text(), parse_constant=refuse)
+    assert loaded["layers"]["0"] == {"theta": 0.5, "lie_defect": None, "relax_ratio": None}
+    pytest.importorskip("matplotlib")
+    for written in (rp.plot_report(report, tmp_path / "report"), rp.plot_history([{"theta": 0.5, "task": 1.0,
+                                                                                  "penalty": 0.1}], tmp_path / "h")):
+        assert written.exists() and written.suffix == ".png"
+    with pytest.raises(TypeError, match="columns"):
+        rp.plot_report(report, tmp_path / "x.png", columns="theta")
+    with pytest.raises(ValueError, match="unknown columns"):
+        rp.plot_report(report, tmp_path / "x.png", columns=["thetaa"])

@@ -495,3 +495,15 @@ def test_state_past_the_schedules_end_loads_back():
     other = rp.RelaxedTraining(rp.relax(nn.Sequential(SO2Linear(2, 2))), "triangular", total=2)
     other.load_state_dict(state)
     assert other.position == 3 and other.done and rp.get_theta(other.model)["0"] == 0.0
+
+
+def test_triangular_peak_at_takes_numpy_and_tensor_scalars():
+    import numpy as np
+
+    ref = rp.schedules.Triangular(total=5, peak_at=0.3)
+    for value in (np.float32(0.3), torch.tensor(0.3)):
+        s = rp.schedules.Triangular(total=5, peak_at=value)
+        assert [round(s(i), 6) for i in range(5)] == [round(ref(i), 6) for i in range(5)]
+    for bad in (0.0, 1.0, float("nan"), True):
+        with pytest.raises((TypeError, ValueError), match="peak_at"):
+            rp.schedules.Triangular(total=5, peak_at=bad)

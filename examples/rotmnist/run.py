@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import relax_plugins as rp
+from examples.args import nonnegative_int, positive_int
+from relax_plugins.diagnostics import json_safe
 
 from .data import make_rotmnist, rotate
 from .model import C8Net
@@ -231,19 +233,19 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=positive_int, default=800)
+    ap.add_argument("--seeds", type=positive_int, default=2)
+    ap.add_argument("--batch", type=positive_int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--lie", type=float, default=1e-2, help="λ of the kernel-space defect (rp.penalty)")
     ap.add_argument("--norm", type=float, default=1e-2, help="λ of the activation norm (rp.penalty)")
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--fields", type=int, nargs=4, default=[4, 8, 8, 12])
-    ap.add_argument("--n-test", type=int, default=10_000, help="test digits (protocol: 50000)")
-    ap.add_argument("--n-equiv", type=int, default=500, help="test digits for the equivariance check")
-    ap.add_argument("--timing-rounds", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=positive_int, default=100)
+    ap.add_argument("--fields", type=positive_int, nargs=4, default=[4, 8, 8, 12])
+    ap.add_argument("--n-test", type=positive_int, default=10_000, help="test digits (protocol: 50000)")
+    ap.add_argument("--n-equiv", type=positive_int, default=500, help="test digits for the equivariance check")
+    ap.add_argument("--timing-rounds", type=positive_int, default=30)
+    ap.add_argument("--threads", type=positive_int, default=1)
+    ap.add_argument("--data-seed", type=nonnegative_int, default=0)
     ap.add_argument("--out", type=Path, default=Path("results/rotmnist"))
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 steps, tiny splits")
     args = ap.parse_args(argv)
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for r in results:
         r.pop("model", None)
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
+    (args.out / "results.json").write_text(json.dumps(json_safe(payload), indent=1, default=str))
     plot(results, args.out / "rotmnist.png")
     print(f"Rotated MNIST, C8 CNN fields {args.fields}, {args.steps} steps, batch {args.batch}, {args.seeds} seeds, "
           f"train/val/test {payload['sizes']['x_train']}/{payload['sizes']['x_val']}/{payload['sizes']['x_test']}")

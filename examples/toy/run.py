@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 import relax_plugins as rp
+from examples.args import positive_int
 
 
 def make_model(width: int = 8) -> nn.Module:
@@ -71,8 +72,8 @@ def train(relaxed: bool, seed: int, steps: int, data: dict, log: list) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--steps", type=positive_int, default=400)
+    ap.add_argument("--seeds", type=positive_int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(1234)
