@@ -4,29 +4,25 @@ divides by it) or ≥ 0."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 
-def positive_int(text: str) -> int:
-    """An int ≥ 1, as an argparse ``type`` (a bad value is a one-line usage error).
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int ≥ ``minimum`` (a bad value is a one-line usage error).
 
     Example:
-        >>> positive_int("3")
+        >>> int_at_least(1)("3")
         3
     """
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    """An int ≥ 0, as an argparse ``type``.
-
-    Example:
-        >>> nonnegative_int("0")
-        0
-    """
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
