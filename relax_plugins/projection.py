@@ -118,17 +118,17 @@ def project(model: nn.Module, merge: bool = False) -> nn.Module:
 
 
 def tensor_owners(model: nn.Module) -> dict[int, list[nn.Module]]:
-    """For every parameter and buffer of ``model`` (by identity, and by the memory it covers): the
-    modules holding it. A tensor held by modules in two places is tied."""
+    """For every parameter and buffer of ``model`` (keyed by the memory it covers, so one tensor
+    object and two objects over the same memory alike): the modules holding it. A tensor held by
+    modules in two places is tied."""
     owners: dict[int, list[nn.Module]] = {}
     for module in model.modules():
         for t in (*module._parameters.values(), *module._buffers.values()):
             if t is None:
                 continue
-            for key in {id(t), _storage_key(t)}:
-                holders = owners.setdefault(key, [])
-                if not any(h is module for h in holders):
-                    holders.append(module)
+            holders = owners.setdefault(_storage_key(t), [])
+            if not any(h is module for h in holders):
+                holders.append(module)
     return owners
 
 
@@ -192,8 +192,7 @@ def merge_deltas(name: str, layer: RelaxedModule,
         out[key] = d
     if owners is not None:
         inside = set(map(id, layer.base.modules()))
-        shared = sorted(k for k in out if any(id(m) not in inside for key in (id(state[k]), _storage_key(state[k]))
-                                              for m in owners.get(key, ())))
+        shared = sorted(k for k in out if any(id(m) not in inside for m in owners.get(_storage_key(state[k]), ())))
         if shared:
             warnings.warn(f"merge: layer {name or '<root>'!r} shares {shared} with modules outside it (a tied weight): "
                           "adding θ·P(W) would change them too, so this layer's relaxation is dropped, not folded",
