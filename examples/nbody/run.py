@@ -62,6 +62,8 @@ from typing import Any
 
 import torch
 
+from examples.args import nonnegative_int, positive_int
+
 ARMS = ("standard", "relaxed", "no_lie", "constant", "linear_decay")
 ABLATION_ARMS = ARMS + ("no_norm", "dual", "dual_resilient", "drop", "lowrank")
 # the paper-length evidence (issue 15): `matched` replays the same seed's dual θ trajectory as a fixed
@@ -993,6 +995,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
                       ("checkpoint-every", int), ("theta-trace-every", int), ("peak-at", float),
                       ("init-std", float), ("w-lr", float), ("penalty-every", int),
                       ("evidence", str), ("egnn-hidden", int)):
+        key = name.replace("-", "_")  # a count of zero or less trains nothing, or divides by it
+        typ = positive_int if key in POSITIVE_ARGS else nonnegative_int if key in NONNEGATIVE_ARGS else typ
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ALL_ARMS)}")
     p.add_argument("--ablation", action="store_true",
@@ -1008,14 +1012,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="project by dropping W (default: merge θ·P(W) where the layer can hold it)")
     p.add_argument("--no-rotate", action="store_true", help="do not rotate training batches")
     a = p.parse_args(argv)
-    for name in POSITIVE_ARGS:  # a count of zero or less trains nothing, or divides by it
-        value = getattr(a, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name in ("n_valid", "n_test", "timing_steps", "checkpoint_every", "data_seed"):
-        value = getattr(a, name)
-        if value is not None and value < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     preset = "quick" if a.quick else (a.preset or "cpu")
     values: dict[str, Any] = {**PRESETS[preset], "preset": preset}
     if a.ablation:
@@ -1043,9 +1039,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return Config(**values)
 
 
-#: count arguments that must be at least 1
+#: count arguments that must be at least 1, and at least 0
 POSITIVE_ARGS = ("n_train", "steps", "batch", "layers", "eval_every", "seeds", "workers", "rank", "threads",
                  "lowrank_rank", "theta_trace_every", "penalty_every", "egnn_hidden")
+NONNEGATIVE_ARGS = ("n_valid", "n_test", "timing_steps", "checkpoint_every", "data_seed")
 
 
 def _run_path(out: Path, arm: str, seed: int) -> Path:

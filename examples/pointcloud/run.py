@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import relax_plugins as rp
+from examples.args import nonnegative_int, positive_int
 from examples.pointcloud.data import CLASSES, make_dataset, make_split
 from examples.pointcloud.models import build_model
 
@@ -82,32 +83,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="pointnet", choices=["pointnet", "dgcnn"])
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from {sorted(ARMS)}")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seeds", type=positive_int, default=3)
+    p.add_argument("--steps", type=positive_int, default=300)
+    p.add_argument("--batch", type=positive_int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--eval-every", type=int, default=60)
+    p.add_argument("--eval-every", type=positive_int, default=60)
     p.add_argument("--per-class", default="64,16,32", help="train,val,test samples per class")
-    p.add_argument("--points", type=int, default=300)
+    p.add_argument("--points", type=positive_int, default=300)
     p.add_argument("--rotation", default="so3", choices=["so3", "z"], help="so3: SO(3)/SO(3); z: z/SO(3)")
     p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--k", type=int, default=10, help="neighbours of the edge features")
+    p.add_argument("--k", type=positive_int, default=10, help="neighbours of the edge features")
     p.add_argument("--widths", default="8,12,24,64", help="VN channel widths")
     p.add_argument("--lie", type=float, default=0.01)
     p.add_argument("--norm", type=float, default=0.01)
     p.add_argument("--form", default="paper", choices=["sqrt", "mean", "paper"])
-    p.add_argument("--penalty-every", type=int, default=1,
+    p.add_argument("--penalty-every", type=positive_int, default=1,
                    help="penalty_every of the scheduled relaxed arms (1: as the recorded evidence ran; 4: the "
                         "library's default; the dual arm keeps 1)")
-    p.add_argument("--rank", type=int, default=8, help="rank of W in the relaxed_lowrank arm")
+    p.add_argument("--rank", type=positive_int, default=8, help="rank of W in the relaxed_lowrank arm")
     p.add_argument("--dual-init", type=float, default=1.0, help="initial γ_i of the dual arm")
     p.add_argument("--dual-lr", type=float, default=3e-3, help="dual step η of the dual arm (see docs/ablation.md)")
     p.add_argument("--probe-pull", type=int, default=0,
                    help="only measure the task's pull |dL/dθ_i| over this many steps (relaxed, θ = 1, η = 0)")
-    p.add_argument("--workers", type=int, default=2, help="parallel runs (one thread each)")
-    p.add_argument("--timing-steps", type=int, default=20, help="interleaved timing pairs (0: skip)")
+    p.add_argument("--workers", type=positive_int, default=2, help="parallel runs (one thread each)")
+    p.add_argument("--timing-steps", type=nonnegative_int, default=20, help="interleaved timing pairs (0: skip)")
     p.add_argument("--timing-only", action="store_true", help="only the interleaved timing phase, no training")
-    p.add_argument("--equiv-samples", type=int, default=32)
+    p.add_argument("--equiv-samples", type=positive_int, default=32)
     p.add_argument("--out", default="results/pointcloud")
     p.add_argument("--quick", action="store_true", help="a tiny smoke configuration (tests, CI)")
     p.add_argument("--report-only", action="store_true",
@@ -131,12 +132,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for key, value in preset.items():
             if key not in given:
                 setattr(args, key, value)
-    for key in ("seeds", "steps", "batch", "eval_every", "points", "k", "workers", "equiv_samples", "rank",
-                "penalty_every"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if args.timing_steps < 0:
-        p.error(f"--timing-steps must be >= 0, got {args.timing_steps}")
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
